@@ -1,0 +1,110 @@
+"""`fm-train`, `fm-extract`, `fm-eval`, `fm-prepare`: one front end, domains plug in via entry points.
+
+Every command that has a default config accepts `--config FILE`, `--set key.path=value` (repeatable)
+and `--print-config` (print the resolved YAML and exit). Errors in user input print one clear line
+and exit with status 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from fm.config import ConfigError, dump, resolve_config
+from fm.domains import Command, Domain, load_domains
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line, exit status 2."""
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("configuration")
+    g.add_argument("--config", help="YAML file merged over the domain's default config")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set optim.base_lr=1e-3 (repeatable)")
+    g.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    g.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or a local SQLite store)")
+
+
+def resolved_config(args: argparse.Namespace, command: Command) -> dict:
+    """The command's config: default YAML <- --config <- --set (flags are applied by the command)."""
+    return resolve_config(command.default_config, args.config, args.overrides)
+
+
+def _build_parser(prog: str, verb: str, domains: dict[str, Domain]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=f"{verb} with an fm-suite domain")
+    sub = parser.add_subparsers(dest="domain", metavar="DOMAIN")
+    sub.required = True
+    for name, domain in sorted(domains.items()):
+        if verb == "eval":
+            if not domain.eval_tasks:
+                continue
+            dp = sub.add_parser(name, help=domain.help, description=domain.help)
+            tasks = dp.add_subparsers(dest="task", metavar="TASK")
+            tasks.required = True
+            for task_name, cmd in sorted(domain.eval_tasks.items()):
+                tp = tasks.add_parser(task_name, help=cmd.help, description=cmd.help)
+                _add_command_args(tp, cmd)
+        else:
+            cmd = getattr(domain, verb)
+            if cmd is None:
+                continue
+            dp = sub.add_parser(name, help=cmd.help, description=cmd.help)
+            _add_command_args(dp, cmd)
+    return parser
+
+
+def _add_command_args(parser: argparse.ArgumentParser, cmd: Command) -> None:
+    if cmd.add_args is not None:
+        cmd.add_args(parser)
+    if cmd.default_config is not None:
+        add_config_args(parser)
+    parser.set_defaults(_command=cmd)
+
+
+def invoke(verb: str, argv: Sequence[str] | None = None):
+    """Parse and run `fm-<verb> argv`; returns what the command returns (a results dict for most).
+    Errors propagate: the console scripts turn user errors into one line and exit status 2."""
+    domains = load_domains()
+    parser = _build_parser(f"fm-{verb}", verb, domains)
+    args = parser.parse_args(argv)
+    cmd: Command = args._command
+    if cmd.default_config is not None:
+        args.cfg = resolved_config(args, cmd)
+        if args.print_config:
+            apply = getattr(cmd.run, "apply_flags", None)
+            cfg = apply(args, args.cfg) if apply else args.cfg
+            print(dump(cfg), end="")
+            return None
+    return cmd.run(args)
+
+
+def _run(verb: str, argv: Sequence[str] | None) -> int:
+    try:
+        invoke(verb, argv)
+    except (UserError, ConfigError, ValueError, KeyError, FileNotFoundError) as e:
+        if os.environ.get("FM_DEBUG"):
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"fm-{verb}: error: {msg}\n(set FM_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2
+    return 0
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    return _run("train", argv)
+
+
+def extract_main(argv: Sequence[str] | None = None) -> int:
+    return _run("extract", argv)
+
+
+def eval_main(argv: Sequence[str] | None = None) -> int:
+    return _run("eval", argv)
+
+
+def prepare_main(argv: Sequence[str] | None = None) -> int:
+    return _run("prepare", argv)

@@ -1,0 +1,165 @@
+"""Run a pretraining job: flags -> config, MLflow run, Lightning Trainer, checkpoints/resume, export.
+
+Domains call `run_pretraining` with their image source and augmentation; everything else
+(strategies, precision, SLURM, tracking, resume, continual pretraining) is shared here.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+
+from fm.augment import MultiCropTransform
+from fm.config import dump, set_value
+from fm.ssl_data import ImageSource, SSLDataModule
+from fm.ssl_module import DINOv2Module
+
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+
+# flag -> config key; shared by every domain's `fm-train`
+TRAIN_FLAGS = {
+    "output_dir": "train.output_dir",
+    "devices": "train.devices",
+    "nodes": "train.num_nodes",
+    "strategy": "train.strategy",
+    "precision": "train.precision",
+    "accelerator": "train.accelerator",
+    "max_steps": "train.max_steps",
+    "batch_size": "data.batch_size",
+    "num_workers": "data.num_workers",
+    "init": "model.init",
+    "weights": "model.init_weights",
+}
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training (each flag overrides the config key in brackets)")
+    g.add_argument("--output-dir", help="[train.output_dir] checkpoints, exports and logs go here")
+    g.add_argument("--devices", type=int, help="[train.devices] GPUs (or CPU processes) per node")
+    g.add_argument("--nodes", type=int, help="[train.num_nodes] nodes (SLURM: one task per GPU)")
+    g.add_argument("--strategy", choices=["auto", "ddp", "fsdp"], help="[train.strategy]")
+    g.add_argument("--precision", help="[train.precision] e.g. bf16-mixed, 32-true")
+    g.add_argument("--accelerator", help="[train.accelerator] auto | cpu | gpu")
+    g.add_argument("--max-steps", type=int, help="[train.max_steps] stop after this many steps")
+    g.add_argument("--batch-size", type=int, help="[data.batch_size] per device")
+    g.add_argument("--num-workers", type=int, help="[data.num_workers] data loading processes per device")
+    g.add_argument("--from", dest="init", metavar="ENCODER",
+                   help="[model.init] continue pretraining from a registered encoder or checkpoint path")
+    g.add_argument("--weights", help="[model.init_weights] weights file for --from (else looked up)")
+
+
+def apply_train_flags(args: argparse.Namespace, cfg: dict) -> dict:
+    for flag, key in TRAIN_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            set_value(cfg, key, value)
+    if getattr(args, "tracking_uri", None):
+        cfg["tracking"]["tracking_uri"] = args.tracking_uri
+    return cfg
+
+
+@dataclass
+class PretrainResult:
+    output_dir: Path
+    checkpoint: Path | None
+    export: Path
+    run_id: str | None
+    module: DINOv2Module
+
+
+def _strategy(name: str):
+    if name == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+        from timm.models.vision_transformer import Block
+
+        return FSDPStrategy(auto_wrap_policy={Block}, sharding_strategy="SHARD_GRAD_OP")
+    if name == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(find_unused_parameters=False)
+    return name
+
+
+def build_module(cfg: dict) -> DINOv2Module:
+    t = cfg["train"]
+    world = max(int(t["devices"]), 1) * max(int(t["num_nodes"]), 1)
+    module = DINOv2Module(cfg, global_batch=cfg["data"]["batch_size"] * world)
+    init = cfg["model"]["init"]
+    if init:
+        from fm.registry import load_encoder
+
+        loaded = load_encoder(init, weights=cfg["model"]["init_weights"], with_heads=True)
+        module.init_from(loaded.backbone.state_dict(), loaded.heads)
+    if cfg["model"]["compile"]:
+        for branch in (module.student, module.teacher):
+            branch["backbone"].compile()
+    return module
+
+
+def multicrop_from_config(cfg: dict, photometric=None, extra_geometric=None) -> MultiCropTransform:
+    c = cfg["crops"]
+    return MultiCropTransform(
+        global_size=c["global_size"], local_size=c["local_size"], n_local=c["n_local"],
+        global_scale=c["global_scale"], local_scale=c["local_scale"], mean=c["mean"], std=c["std"],
+        photometric=photometric, extra_geometric=extra_geometric,
+    )
+
+
+def run_pretraining(
+    cfg: dict,
+    source: ImageSource,
+    transform: MultiCropTransform | None = None,
+    artifacts: list[Path] = (),
+    callbacks: list = (),
+    progress: bool = True,
+) -> PretrainResult:
+    """Pretrain with the DINOv2 recipe; tracked in MLflow; resumes from <output_dir>/checkpoints/last.ckpt."""
+    from fm.tracking import lightning_logger, tracked_run
+    from fm.weights import save_fm_checkpoint
+
+    t = cfg["train"]
+    out = Path(t["output_dir"])
+    ckpt_dir = out / "checkpoints"
+    out.mkdir(parents=True, exist_ok=True)
+    transform = transform or multicrop_from_config(cfg)
+    total_steps = t["epochs"] * t["epoch_length"]
+    max_steps = t["max_steps"] or total_steps
+    L.seed_everything(t["seed"], workers=True, verbose=False)
+    module = build_module(cfg)
+    b = cfg["model"]["backbone"]
+    data = SSLDataModule(source, transform, cfg["data"], b["patch_size"], cfg["model"]["ibot"]["mask_probability"],
+                         tuple(cfg["model"]["ibot"]["mask_ratio"]))
+    resume_from = ckpt_dir / "last.ckpt" if t["resume"] and (ckpt_dir / "last.ckpt").is_file() else None
+    tr = cfg["tracking"]
+    with tracked_run(tr["experiment"], run_name=tr["run_name"], config=cfg, tracking_uri=tr["tracking_uri"],
+                     tags={"resumed_from": str(resume_from) if resume_from else ""}) as run:
+        for path in artifacts:
+            run.log_artifact(path)
+        checkpoint = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=t["checkpoint_every"], save_last=True,
+                                     save_top_k=-1, filename="step{step:07d}", auto_insert_metric_name=False)
+        cbs = [checkpoint, *callbacks]
+        if progress:
+            cbs.append(TQDMProgressBar(refresh_rate=max(1, t["log_every"])))
+        trainer = L.Trainer(
+            accelerator=t["accelerator"], devices=t["devices"], num_nodes=t["num_nodes"],
+            strategy=_strategy(t["strategy"]), precision=t["precision"], max_steps=max_steps,
+            logger=lightning_logger(run), callbacks=cbs, log_every_n_steps=t["log_every"],
+            enable_progress_bar=progress, enable_model_summary=False, default_root_dir=out,
+            use_distributed_sampler=False, deterministic=False, num_sanity_val_steps=0,
+        )
+        trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
+        export = out / "export" / "teacher.safetensors"
+        if trainer.is_global_zero:
+            (out / "config.yaml").write_text(dump(cfg))
+            heads = {k: v for k, v in module.teacher.items() if k != "backbone"}
+            save_fm_checkpoint(export, module.teacher["backbone"], heads, mean=cfg["crops"]["mean"],
+                               std=cfg["crops"]["std"], extra_meta={"steps": str(trainer.global_step)})
+            run.log_artifact(export, "model")
+            run.log_artifact(out / "config.yaml")
+            run.log_metrics({"final/steps": trainer.global_step})
+        return PretrainResult(out, checkpoint.last_model_path and Path(checkpoint.last_model_path) or None,
+                              export, run.run_id, module)
