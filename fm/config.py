@@ -46,7 +46,7 @@ def load_yaml(path: str | Path) -> dict:
     base = data.pop("defaults", None)
     if base:  # `defaults: other.yaml` inherits from a sibling file
         parent = load_yaml(path.parent / base)
-        return merge(parent, data, where=str(path))
+        return merge(parent, data, where=str(path), new_sections=True)
     return data
 
 
@@ -66,13 +66,17 @@ def _type_ok(default: Any, value: Any) -> bool:
     return isinstance(value, type(default))
 
 
-def merge(base: dict, update: dict, where: str = "config", strict: bool = True, _prefix: str = "") -> dict:
-    """Deep-merge `update` into a copy of `base`. With strict, unknown keys and wrong types raise."""
+def merge(
+    base: dict, update: dict, where: str = "config", strict: bool = True, _prefix: str = "", new_sections: bool = False
+) -> dict:
+    """Deep-merge `update` into a copy of `base`. With strict, unknown keys and wrong types raise.
+    `new_sections` lets a shipped config that inherits (`defaults:`) add whole new top-level sections
+    (a domain's own settings); keys inside existing sections are still checked."""
     out = copy.deepcopy(base)
     for key, value in update.items():
         dotted = f"{_prefix}{key}"
         if key not in out:
-            if strict:
+            if strict and not (new_sections and not _prefix and isinstance(value, dict)):
                 close = [k for k in out if k.lower().startswith(str(key)[:3].lower())]
                 hint = f" (did you mean {', '.join(close)}?)" if close else ""
                 raise ConfigError(f"{where}: unknown key '{dotted}'{hint}; valid keys here: {sorted(out)}")

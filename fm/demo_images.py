@@ -1,9 +1,10 @@
 """Built-in demo images: synthetic textures with hidden classes, so the core recipe runs offline.
 
-The class is the texture (horizontal stripes, vertical stripes, checkerboard, rings); colours,
-frequency and phase are random per image. A network at initialisation mostly sees colour, so its
-kNN accuracy on the hidden class is low; self-supervised training with colour augmentation has to
-learn the texture, which is what the learning test measures. Images are made on the fly from their
+The class is the texture (horizontal stripes, vertical stripes, checkerboard, rings); frequency and
+phase are random per image, and the colours come from a small palette shared by all classes (plus a
+little jitter). A network at initialisation mostly sees colour, so its kNN accuracy on the hidden
+class is low. Because many images share a palette entry, colour alone cannot tell two images apart:
+self-supervised training has to learn the texture, which is what the learning test measures. Images are made on the fly from their
 index (deterministic), nothing is written to disk.
 """
 
@@ -13,6 +14,17 @@ import numpy as np
 import torch
 
 CLASS_NAMES = ("horizontal", "vertical", "checker", "rings")
+# (foreground, background) RGB pairs shared by all classes
+PALETTE = np.array(
+    [
+        [[0.9, 0.2, 0.2], [0.1, 0.1, 0.3]],
+        [[0.2, 0.8, 0.3], [0.9, 0.9, 0.8]],
+        [[0.3, 0.3, 0.9], [0.8, 0.7, 0.2]],
+        [[0.95, 0.95, 0.95], [0.2, 0.2, 0.2]],
+        [[0.7, 0.3, 0.7], [0.4, 0.8, 0.8]],
+        [[0.9, 0.6, 0.2], [0.3, 0.5, 0.3]],
+    ]
+)
 
 
 class DemoTextures:
@@ -48,7 +60,8 @@ class DemoTextures:
             cy, cx = rng.uniform(0.2, 0.8, size=2)
             pattern = np.sin(freq * np.hypot(yy - cy, xx - cx) + phase)
         weight = (pattern > 0).astype(np.float32)[None]
-        fg, bg = rng.uniform(0, 1, size=(2, 3, 1, 1)).astype(np.float32)
+        fg, bg = PALETTE[rng.integers(len(PALETTE))] + rng.normal(0, 0.03, size=(2, 3))
+        fg, bg = fg.astype(np.float32)[:, None, None], bg.astype(np.float32)[:, None, None]
         img = weight * fg + (1 - weight) * bg  # (3, size, size)
         img = img + rng.normal(0, 0.05, size=img.shape).astype(np.float32)
         return torch.from_numpy(np.clip(img, 0, 1).astype(np.float32))

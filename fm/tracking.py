@@ -34,8 +34,10 @@ from typing import Any
 import yaml
 
 from fm.io import ItemLock
+from fm.tracking_offline import OFFLINE_SCHEME, OfflineClient
 
 ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
+ENV_TRACKING_DIR = "FM_TRACKING_DIR"  # offline: runs written as files, imported later by `fm-track import`
 DEFAULT_STORE_DIR = "fm-runs"
 DB_NAME = "mlflow.db"
 PARENT_RUN_TAG = "mlflow.parentRunId"
@@ -61,7 +63,11 @@ def resolve_tracking_uri(flag: str | os.PathLike | None = None) -> str:
     A bare path is accepted too: `*.db`/`*.sqlite` is taken as the database file, anything else as the
     directory that holds `mlflow.db`.
     """
+    if not flag and os.environ.get(ENV_TRACKING_DIR):  # offline mode for batch pipelines
+        return OFFLINE_SCHEME + str(Path(os.environ[ENV_TRACKING_DIR]).expanduser().resolve())
     value = str(flag) if flag else os.environ.get(ENV_TRACKING_URI, "")
+    if value.startswith(OFFLINE_SCHEME):
+        return value
     if not value:
         db = Path.cwd().resolve() / DEFAULT_STORE_DIR / DB_NAME
     elif re.match(r"^[A-Za-z][A-Za-z0-9+.\-]+:", value) or value == "databricks":
@@ -85,6 +91,8 @@ def _client(uri: str):
     processes doing that at once corrupt the schema, so a new database is created under a lock."""
     from mlflow import MlflowClient
 
+    if uri.startswith(OFFLINE_SCHEME):
+        return OfflineClient(uri[len(OFFLINE_SCHEME) :])
     db = _sqlite_path(uri)
     lock = ItemLock(db) if db is not None else None
     if lock is None or (db.exists() and not lock.path.exists()):

@@ -1,0 +1,262 @@
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pathology.cohorts import SlideRecord
+from pathology.slides import open_slide, read_tile
+from pathology.tiling import (
+    FAILED,
+    LOCKED,
+    OK,
+    OK_EMPTY,
+    SKIPPED_DONE,
+    grid_coords,
+    read_coords,
+    read_manifest,
+    tile_cohort,
+    tile_slide,
+)
+from pathology.tissue import saturation_u8
+
+
+def _records(test_slides, names, mpp=None):
+    return [SlideRecord(name, test_slides[name], f"P-{name}", "test", mpp=mpp) for name in names]
+
+
+def _leftovers(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.name.startswith(".tmp-") or p.suffix == ".lock")
+
+
+def _run_python(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_real_slide_tiles_with_coords_attributes_and_thumbnail(cmu_slide, tmp_path):
+    result = tile_slide(cmu_slide, tmp_path, "cmu1")
+    assert result.status == OK and result.n_tiles > 10
+    coords, attrs = read_coords(tmp_path / "cmu1" / "coords.h5")
+    assert attrs["patch_size"] == 224 and attrs["patch_size_level0"] == 224  # 0.499 um/px: no resampling
+    assert attrs["target_mpp"] == 0.5 and attrs["slide_mpp"] == pytest.approx(0.499)
+    assert (attrs["level0_width"], attrs["level0_height"]) == (2220, 2967)
+    assert attrs["target_magnification"] == pytest.approx(20.0) and attrs["slide_id"] == "cmu1"
+    assert coords.dtype == np.int64 and len(coords) == result.n_tiles
+    assert (coords >= 0).all() and (coords[:, 0] + 224 <= 2220).all() and (coords[:, 1] + 224 <= 2967).all()
+    with h5py.File(tmp_path / "cmu1" / "coords.h5") as f:
+        assert (f["tissue_fraction"][:] >= 0.6).all()
+        assert f["coords"].attrs["patch_size_level0"] == 224  # TRIDENT reads attributes from `coords`
+    # kept tiles hold stained tissue, the rest of the grid mostly glass
+    with open_slide(cmu_slide) as slide:
+        kept = {tuple(c) for c in coords}
+        grid = grid_coords(2220, 2967, 224)
+        sat = {tuple(c): saturation_u8(read_tile(slide, *c, 224, 0.5)).mean() for c in grid}
+    assert np.mean([sat[c] for c in kept]) > 2 * np.mean([v for c, v in sat.items() if c not in kept])
+    thumb = Image.open(tmp_path / "cmu1" / "thumbnail.png")
+    assert thumb.format == "PNG" and min(thumb.size) > 100
+    assert _leftovers(tmp_path) == []
+
+
+def test_40x_and_20x_scans_give_the_same_tile_grid(test_slides, tmp_path):
+    r40 = tile_slide(test_slides["x40"], tmp_path, "x40")
+    r20 = tile_slide(test_slides["x20"], tmp_path, "x20")
+    assert r40.status == r20.status == OK
+    _, a40 = read_coords(tmp_path / "x40" / "coords.h5")
+    assert a40["patch_size_level0"] == 448 and a40["slide_mpp"] == 0.25
+
+    def tiles_in_microns(name):
+        with h5py.File(tmp_path / name / "coords.h5") as f:
+            mpp = f.attrs["slide_mpp"]
+            return {
+                (round(x * mpp), round(y * mpp)): fr
+                for (x, y), fr in zip(f["coords"][:], f["tissue_fraction"][:])
+            }
+
+    t40, t20 = tiles_in_microns("x40"), tiles_in_microns("x20")
+    common = t40.keys() & t20.keys()
+    assert len(common) >= 8
+    # masks come from different pyramid levels: edges may move by about one 4 um mask pixel
+    assert max(abs(t40[k] - t20[k]) for k in common) < 0.1
+    # a tile may only be in one grid when its tissue fraction sits at the threshold
+    for key in t40.keys() ^ t20.keys():
+        assert abs(t40.get(key, t20.get(key)) - 0.6) < 0.1
+
+
+def test_cohort_isolates_failures_records_manifest_and_resumes(test_slides, tmp_path):
+    names = ["x20", "nompp", "truncated", "corrupt", "nonslide", "background", "x40"]
+    table = tile_cohort(_records(test_slides, names), tmp_path)
+    status = dict(zip(table.slide_id, table.status))
+    assert status == {
+        "x20": OK,
+        "nompp": FAILED,
+        "truncated": FAILED,
+        "corrupt": FAILED,
+        "nonslide": FAILED,
+        "background": OK_EMPTY,
+        "x40": OK,
+    }
+    reason = dict(zip(table.slide_id, table.reason))
+    assert str(test_slides["nompp"]) in reason["nompp"] and "--mpp" in reason["nompp"]
+    for name in ("truncated", "corrupt", "nonslide"):
+        assert str(test_slides[name]) in reason[name]
+    assert (
+        reason["background"] == "no tissue tiles" and table.set_index("slide_id").n_tiles["background"] == 0
+    )
+    assert not (tmp_path / "nompp" / "coords.h5").exists()
+    manifest = read_manifest(tmp_path / "manifest.csv")
+    assert list(manifest.columns) == [
+        "slide_id",
+        "patient_id",
+        "slide_path",
+        "status",
+        "reason",
+        "n_tiles",
+        "seconds",
+        "mpp",
+    ]
+    assert dict(zip(manifest.slide_id, manifest.status)) == status
+    assert manifest.set_index("slide_id").loc["x40", "mpp"] == 0.25
+    assert manifest.set_index("slide_id").loc["x20", "patient_id"] == "P-x20"
+    n_tiles = dict(zip(table.slide_id, table.n_tiles))
+
+    # rerun: finished slides are skipped, the slide without mpp passes with a cohort-level override
+    records = _records(test_slides, names)
+    records[1].mpp = 0.5
+    again = tile_cohort(records, tmp_path)
+    status2 = dict(zip(again.slide_id, again.status))
+    assert status2["x20"] == status2["x40"] == status2["background"] == SKIPPED_DONE
+    assert status2["nompp"] == OK and status2["truncated"] == FAILED
+    assert again.set_index("slide_id").n_tiles["x40"] == n_tiles["x40"]
+    assert again.set_index("slide_id").mpp["x40"] == 0.25
+    assert again.set_index("slide_id").n_tiles["nompp"] == n_tiles["x20"]  # same pixels as the 20x slide
+    coords_nompp, attrs = read_coords(tmp_path / "nompp" / "coords.h5")
+    np.testing.assert_array_equal(coords_nompp, read_coords(tmp_path / "x20" / "coords.h5")[0])
+    assert attrs["mpp_source"] == "override"
+    assert _leftovers(tmp_path) == []
+    # the manifest keeps each slide's outcome: `ok` rows stay, the fixed slide is now `ok`
+    manifest = read_manifest(tmp_path / "manifest.csv").set_index("slide_id")
+    assert (
+        manifest.status["x40"] == OK
+        and manifest.status["nompp"] == OK
+        and manifest.status["truncated"] == FAILED
+    )
+
+    overwritten = tile_slide(test_slides["x20"], tmp_path, "x20", overwrite=True)
+    assert overwritten.status == OK and overwritten.n_tiles == n_tiles["x20"]
+    escaping = tile_slide(test_slides["x20"], tmp_path, "../outside")
+    assert escaping.status == FAILED and "slide_id" in escaping.reason
+    assert not (tmp_path.parent / "outside").exists()
+
+
+def test_process_pool_matches_serial(test_slides, tmp_path):
+    names = ["x20", "nonslide", "background", "x40"]
+    serial = tile_cohort(_records(test_slides, names), tmp_path / "serial")
+    pooled = tile_cohort(_records(test_slides, names), tmp_path / "pooled", workers=2)
+    pd.testing.assert_frame_equal(serial.drop(columns="seconds"), pooled.drop(columns="seconds"))
+    for name in ("x20", "x40"):
+        assert (tmp_path / "serial" / name / "coords.h5").read_bytes() == (
+            tmp_path / "pooled" / name / "coords.h5"
+        ).read_bytes()
+
+
+CRASH_IN_ATOMIC_WRITE = """
+import os, signal, sys
+import pathology.tiling as tiling
+from fm.io import atomic_path
+
+def crash(path, *args):
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(b"half-written hdf5")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+tiling._write_coords = crash
+tiling.tile_slide(sys.argv[1], sys.argv[2], "slide")
+"""
+
+
+def test_crash_inside_write_then_rerun_gives_identical_outputs(test_slides, tmp_path):
+    out = tmp_path / "crashed"
+    proc = _run_python(CRASH_IN_ATOMIC_WRITE, str(test_slides["x20"]), str(out))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not (out / "slide" / "coords.h5").exists()  # never a partial file under the final name
+    assert _leftovers(out), "the simulated crash should leave a temporary and a lock behind"
+
+    result = tile_slide(test_slides["x20"], out, "slide")  # the dead process's lock is broken
+    assert result.status == OK
+    assert _leftovers(out) == []
+    reference = tile_slide(test_slides["x20"], tmp_path / "clean", "slide")
+    for name in ("coords.h5", "thumbnail.png"):
+        assert (out / "slide" / name).read_bytes() == (tmp_path / "clean" / "slide" / name).read_bytes()
+    assert result.n_tiles == reference.n_tiles
+
+
+CONCURRENT_WORKER = """
+import json, os, sys, time
+from pathlib import Path
+import pathology.tiling as tiling
+from pathology.cohorts import SlideRecord
+
+slide, out, log, ready, go, result = sys.argv[1:7]
+real_open = tiling.open_slide
+
+def logged_open(path, *args):
+    with open(log, "a") as f:
+        f.write(f"{os.getpid()} {path}\\n")
+    time.sleep(0.5)  # long enough for the other process to reach the same slide
+    return real_open(path, *args)
+
+tiling.open_slide = logged_open
+Path(ready).touch()
+while not Path(go).exists():
+    time.sleep(0.01)
+records = [SlideRecord(f"s{i}", Path(slide), f"p{i}", "test") for i in range(6)]  # one file, six slide ids
+table = tiling.tile_cohort(records, out)
+Path(result).write_text(json.dumps(dict(zip(table.slide_id, table.status))))
+"""
+
+
+def test_concurrent_cohort_processes_never_tile_a_slide_twice(test_slides, tmp_path):
+    out, log, go = tmp_path / "out", tmp_path / "opened.log", tmp_path / "go"
+    procs = []
+    for k in range(2):
+        args = [
+            str(test_slides["x20"]),
+            str(out),
+            str(log),
+            str(tmp_path / f"ready{k}"),
+            str(go),
+            str(tmp_path / f"result{k}.json"),
+        ]
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", CONCURRENT_WORKER, *args], stderr=subprocess.PIPE, text=True
+            )
+        )
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"ready{k}").exists() for k in range(2)):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.02)
+    go.touch()
+    for p in procs:
+        assert p.wait(timeout=60) == 0, p.stderr.read()
+    results = [json.loads((tmp_path / f"result{k}.json").read_text()) for k in range(2)]
+    opened_by = [line.split()[0] for line in log.read_text().splitlines()]
+    assert len(opened_by) == 6, "each slide is opened exactly once across both processes"
+    assert len(set(opened_by)) == 2, "both processes did part of the work"
+    for slide_id in results[0]:
+        statuses = sorted(r[slide_id] for r in results)
+        assert statuses.count(OK) == 1 and set(statuses) <= {OK, LOCKED, SKIPPED_DONE}
+    manifest = read_manifest(out / "manifest.csv")
+    assert (manifest.status == OK).all() and len(manifest) == 6  # a `locked` row never hides the outcome
+    assert _leftovers(out) == []
