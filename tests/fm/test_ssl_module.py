@@ -68,7 +68,7 @@ def test_schedule_follows_config_not_max_steps(tmp_path):
 def test_pretraining_learns_texture_classes(tmp_path):
     """kNN on frozen teacher CLS beats the same network at initialisation by a clear margin."""
     cfg = resolve_config(CONFIGS_DIR / "core" / "demo_cpu.yaml",
-                         overrides=[f"train.output_dir={tmp_path}/run", "train.max_steps=120"])
+                         overrides=[f"train.output_dir={tmp_path}/run", "train.max_steps=100"])
     init_acc = texture_knn_accuracy(build_module(cfg).backbone, cfg)
     result = run_pretraining(cfg, demo_source(cfg), progress=False)
     trained_acc = texture_knn_accuracy(result.module.backbone, cfg)
