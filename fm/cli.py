@@ -34,9 +34,21 @@ def resolved_config(args: argparse.Namespace, command: Command) -> dict:
     return resolve_config(command.default_config, args.config, args.overrides)
 
 
+class _EvalParser(argparse.ArgumentParser):
+    """`fm-eval DOMAIN name:ARG ...` is read as `fm-eval DOMAIN name ARG ...` (e.g. `csv:labels.csv`),
+    the same `kind:argument` form as `--cohorts csv:PATH`."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        if len(args) >= 2 and ":" in args[1] and not args[1].startswith("-"):
+            args[1:2] = args[1].split(":", 1)
+        return super().parse_known_args(args, namespace)
+
+
 def _build_parser(prog: str, verb: str, domains: dict[str, Domain]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=f"{verb} with an fm-suite domain")
-    sub = parser.add_subparsers(dest="domain", metavar="DOMAIN")
+    parser_class = _EvalParser if verb == "eval" else argparse.ArgumentParser
+    parser = parser_class(prog=prog, description=f"{verb} with an fm-suite domain")
+    sub = parser.add_subparsers(dest="domain", metavar="DOMAIN", parser_class=argparse.ArgumentParser)
     sub.required = True
     for name, domain in sorted(domains.items()):
         if verb == "eval":
@@ -62,7 +74,14 @@ def _add_command_args(parser: argparse.ArgumentParser, cmd: Command) -> None:
         cmd.add_args(parser)
     if cmd.default_config is not None:
         add_config_args(parser)
+    elif not any("--tracking-uri" in a.option_strings for a in parser._actions):
+        parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or local SQLite)")
     parser.set_defaults(_command=cmd)
+
+
+def build_parser(verb: str) -> argparse.ArgumentParser:
+    """The parser of `fm-<verb>` with every installed domain (used by the pipeline tests too)."""
+    return _build_parser(f"fm-{verb}", verb, load_domains())
 
 
 def invoke(verb: str, argv: Sequence[str] | None = None):

@@ -33,6 +33,8 @@ def _yaml_load(text: str):
 
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_symlink():  # e.g. a Nextflow task folder: `defaults:` are siblings of the real file
+        path = path.resolve()
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:

@@ -433,57 +433,47 @@ def current_run() -> TrackedRun | None:
 
 @functools.cache
 def _run_bound_logger_class():
-    from lightning.pytorch.loggers import MLFlowLogger
-    from lightning.pytorch.loggers.logger import rank_zero_experiment
+    from lightning.pytorch.loggers.logger import Logger
     from lightning.pytorch.utilities import rank_zero_only
 
-    class RunBoundMLFlowLogger(MLFlowLogger):
-        """Lightning's MLflow logger writing into an existing `TrackedRun`.
+    class RunBoundLogger(Logger):
+        """A Lightning logger writing per-step metrics into an existing `TrackedRun`.
 
-        Hyperparameters are skipped (tracked_run already logged the full config, and MLflow refuses
-        a param whose value changes); the run's status is left to tracked_run, not to `Trainer.fit`.
+        Not Lightning's MLFlowLogger: that one builds its own MlflowClient (which refuses our offline
+        `offline:` store) and sets process-wide MLflow state. Hyperparameters are skipped (tracked_run
+        already logged the full config); the run's status is left to tracked_run, not to `Trainer.fit`.
         """
 
-        def __init__(self, run: TrackedRun, **kwargs: Any):
-            super().__init__(run_id=run.run_id, tracking_uri=run.tracking_uri, **kwargs)
+        def __init__(self, run: TrackedRun, prefix: str = ""):
+            super().__init__()
             self.tracked = run
-            self._experiment_id = run.experiment_id
+            self._prefix = prefix
 
         @property
-        @rank_zero_experiment
-        def experiment(self):
-            # MLFlowLogger would call `mlflow.set_tracking_uri`, changing process-wide state: skip it.
-            return self.tracked.client
+        def name(self) -> str:
+            return self.tracked.experiment_id or ""
+
+        @property
+        def version(self) -> str:
+            return self.tracked.run_id or ""
 
         @property
         def run_id(self) -> str | None:
             return self.tracked.run_id
 
-        @property
-        def experiment_id(self) -> str | None:
-            return self.tracked.experiment_id
-
         @rank_zero_only
-        def log_hyperparams(self, params: Any) -> None:
+        def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
             return None
 
         @rank_zero_only
         def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
             if self.tracked.enabled:
-                super().log_metrics(metrics, step)
+                prefixed = {f"{self._prefix}{k}" if self._prefix else k: v for k, v in metrics.items()}
+                self.tracked.log_metrics(prefixed, step=step)
 
-        def after_save_checkpoint(self, checkpoint_callback) -> None:
-            if self.tracked.enabled:
-                super().after_save_checkpoint(checkpoint_callback)
-
-        @rank_zero_only
-        def finalize(self, status: str = "success") -> None:
-            if self.tracked.enabled and getattr(self, "_checkpoint_callback", None) is not None:
-                self._scan_and_log_checkpoints(self._checkpoint_callback)
-
-    return RunBoundMLFlowLogger
+    return RunBoundLogger
 
 
-def lightning_logger(run: TrackedRun, prefix: str = "", log_model: bool = False):
-    """A Lightning `MLFlowLogger` bound to `run` (same run id and store), so per-step metrics land in it."""
-    return _run_bound_logger_class()(run, prefix=prefix, log_model=log_model)
+def lightning_logger(run: TrackedRun, prefix: str = ""):
+    """A Lightning logger bound to `run` (same run id and store), so per-step metrics land in it."""
+    return _run_bound_logger_class()(run, prefix=prefix)

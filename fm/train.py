@@ -7,6 +7,7 @@ Domains call `run_pretraining` with their image source and augmentation; everyth
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,26 +118,48 @@ def run_pretraining(
     callbacks: list = (),
     progress: bool = True,
 ) -> PretrainResult:
-    """Pretrain with the DINOv2 recipe; tracked in MLflow; resumes from <output_dir>/checkpoints/last.ckpt."""
-    from fm.tracking import lightning_logger, tracked_run
+    """Pretrain with the DINOv2 recipe on `source`; see `fit_pretraining` for tracking/resume/export."""
     from fm.weights import save_fm_checkpoint
+
+    L.seed_everything(cfg["train"]["seed"], workers=True, verbose=False)
+    module = build_module(cfg)
+    m = cfg["model"]
+    data = SSLDataModule(source, transform or multicrop_from_config(cfg), cfg["data"], m["backbone"]["patch_size"],
+                         m["ibot"]["mask_probability"], tuple(m["ibot"]["mask_ratio"]))
+
+    def export(path: Path, module: DINOv2Module, steps: int) -> None:
+        heads = {k: v for k, v in module.teacher.items() if k != "backbone"}
+        save_fm_checkpoint(path, module.teacher["backbone"], heads, mean=cfg["crops"]["mean"],
+                           std=cfg["crops"]["std"], extra_meta={"steps": str(steps)})
+
+    return fit_pretraining(cfg, module, data, export, artifacts=artifacts, callbacks=callbacks, progress=progress)
+
+
+def fit_pretraining(
+    cfg: dict,
+    module: DINOv2Module,
+    datamodule: L.LightningDataModule,
+    export: Callable[[Path, DINOv2Module, int], None],
+    artifacts: list[Path] = (),
+    callbacks: list = (),
+    progress: bool = True,
+    tags: dict | None = None,
+) -> PretrainResult:
+    """The part every pretraining shares: an MLflow run around a Lightning Trainer (strategy, precision,
+    nodes from `cfg["train"]`), checkpoints every `checkpoint_every` steps, resume from
+    <output_dir>/checkpoints/last.ckpt, and `export(path, module, steps)` of the final teacher."""
+    from fm.tracking import lightning_logger, tracked_run
 
     t = cfg["train"]
     out = Path(t["output_dir"])
     ckpt_dir = out / "checkpoints"
     out.mkdir(parents=True, exist_ok=True)
-    transform = transform or multicrop_from_config(cfg)
-    total_steps = t["epochs"] * t["epoch_length"]
-    max_steps = t["max_steps"] or total_steps
-    L.seed_everything(t["seed"], workers=True, verbose=False)
-    module = build_module(cfg)
-    b = cfg["model"]["backbone"]
-    data = SSLDataModule(source, transform, cfg["data"], b["patch_size"], cfg["model"]["ibot"]["mask_probability"],
-                         tuple(cfg["model"]["ibot"]["mask_ratio"]))
+    max_steps = t["max_steps"] or t["epochs"] * t["epoch_length"]
     resume_from = ckpt_dir / "last.ckpt" if t["resume"] and (ckpt_dir / "last.ckpt").is_file() else None
     tr = cfg["tracking"]
+    tags = {"resumed_from": str(resume_from) if resume_from else "", **(tags or {})}
     with tracked_run(tr["experiment"], run_name=tr["run_name"], config=cfg, tracking_uri=tr["tracking_uri"],
-                     tags={"resumed_from": str(resume_from) if resume_from else ""}) as run:
+                     tags=tags) as run:
         for path in artifacts:
             run.log_artifact(path)
         checkpoint = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=t["checkpoint_every"], save_last=True,
@@ -151,15 +174,13 @@ def run_pretraining(
             enable_progress_bar=progress, enable_model_summary=False, default_root_dir=out,
             use_distributed_sampler=False, deterministic=False, num_sanity_val_steps=0,
         )
-        trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
-        export = out / "export" / "teacher.safetensors"
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+        export_path = out / "export" / "teacher.safetensors"
         if trainer.is_global_zero:
             (out / "config.yaml").write_text(dump(cfg))
-            heads = {k: v for k, v in module.teacher.items() if k != "backbone"}
-            save_fm_checkpoint(export, module.teacher["backbone"], heads, mean=cfg["crops"]["mean"],
-                               std=cfg["crops"]["std"], extra_meta={"steps": str(trainer.global_step)})
-            run.log_artifact(export, "model")
+            export(export_path, module, trainer.global_step)
+            run.log_artifact(export_path, "model")
             run.log_artifact(out / "config.yaml")
             run.log_metrics({"final/steps": trainer.global_step})
-        return PretrainResult(out, checkpoint.last_model_path and Path(checkpoint.last_model_path) or None,
-                              export, run.run_id, module)
+        last = Path(checkpoint.last_model_path) if checkpoint.last_model_path else None
+        return PretrainResult(out, last, export_path, run.run_id, module)

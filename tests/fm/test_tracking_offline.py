@@ -45,3 +45,17 @@ def test_offline_runs_import_with_params_metrics_artifacts_and_nesting(tmp_path,
     # importing again does not duplicate runs
     assert track_main(["import", str(offline), "--tracking-uri", store]) == 0
     assert len(client.search_runs([exp.experiment_id])) == 3
+
+
+def test_lightning_logger_writes_into_an_offline_run(tmp_path, monkeypatch):
+    """fm-train under a pipeline (FM_TRACKING_DIR): Lightning's per-step metrics land in the offline run."""
+    import json
+
+    from fm.tracking import lightning_logger
+
+    monkeypatch.setenv("FM_TRACKING_DIR", str(tmp_path / "offline"))
+    with tracked_run("pipeline", run_name="train") as run:
+        lightning_logger(run).log_metrics({"train/loss": 1.5}, step=3)
+    records = (tmp_path / "offline" / run.run_id / "records.jsonl").read_text().splitlines()
+    metrics = [json.loads(r) for r in records if json.loads(r)["kind"] == "metric"]
+    assert [(m["key"], m["value"], m["step"]) for m in metrics] == [("train/loss", 1.5, 3)]

@@ -1,0 +1,190 @@
+"""Parse and lint every Nextflow file of workflows/ without the engine.
+
+reftrace (Nextflow's grammar, compiled) parses each `.nf` and `.config` file, resolves includes and
+reads process directives; our own checks, built on nfharness, cover what reftrace does not expose:
+the wiring between workflow calls and process declarations, resource labels, GPU requests on SLURM,
+and the sbatch example. Each check returns a list of problems, so the last test can show on a broken
+copy of the pipelines that the checks do catch mistakes.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import nfharness as nf
+import pytest
+
+reftrace = pytest.importorskip("reftrace", reason="reftrace (dev extra) parses Nextflow files")
+
+WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
+PIPELINES = ("pathology.nf", "earthobs.nf")
+GPU_LABELS = ("process_gpu", "process_gpu_multi")
+FM_COMMAND = re.compile(r"\bfm-(train|extract|eval|prepare|track)\b")
+
+
+def parse_problems(root: Path) -> list[str]:
+    problems = []
+    for path in sorted(root.rglob("*.nf")):
+        module = reftrace.Module.from_file(str(path))
+        if isinstance(module, reftrace.ParseError):
+            problems.append(f"{path.name}: {module.error}")
+    for path in sorted(root.rglob("*.config")):
+        result = reftrace.ConfigFile.from_file(str(path))
+        if result.error is not None:
+            problems.append(f"{path.name}: {result.error.error}")
+    listing = reftrace.parse_modules(str(root))
+    problems += [f"{u.module_path}: unresolved include {u.includes}" for u in listing.unresolved_includes]
+    return problems
+
+
+def module_problems(root: Path) -> list[str]:
+    """One process per module file, named after it, with exactly one configured resource label."""
+    base = nf.read_config(root / "conf" / "base.config").block("process")
+    labels = {re.sub(r"withLabel:\s*", "", b.name).strip("'\"") for b in base.blocks if b.name.startswith("withLabel")}
+    problems = []
+    for path in sorted((root / "modules").glob("*.nf")):
+        module = reftrace.Module.from_file(str(path))
+        if isinstance(module, reftrace.ParseError):
+            continue  # reported by parse_problems
+        names = [p.name for p in module.processes]
+        if names != [path.stem.upper()]:
+            problems.append(f"{path.name}: defines {names}, expected one process {path.stem.upper()}")
+            continue
+        proc_labels = [label.value for label in module.processes[0].labels]
+        if len(proc_labels) != 1 or proc_labels[0] not in labels:
+            problems.append(f"{path.name}: labels {proc_labels}; need exactly one of {sorted(labels)}")
+        (proc,) = nf.parse_module(path)
+        for block_name, block in (("script", proc.script), ("stub", proc.stub or "")):
+            commands = FM_COMMAND.findall(nf.script_parts(block)[1]) if block.strip() else []
+            expected = 1 if block_name == "script" else 0
+            if len(commands) != expected:
+                problems.append(f"{path.name}: {block_name} runs {len(commands)} fm-* commands, expected {expected}")
+    return problems
+
+
+def wiring_problems(root: Path) -> list[str]:
+    """Calls pass as many arguments as the process declares inputs; `.out.x` names a declared emit."""
+    processes = {p.name: p for f in (root / "modules").glob("*.nf") for p in nf.parse_module(f)}
+    problems = []
+    for pipeline in PIPELINES:
+        text = (root / pipeline).read_text()
+        module = reftrace.Module.from_file(str(root / pipeline))
+        included = [item.name for inc in module.includes for item in inc.items]
+        calls = nf.process_calls(text, included)
+        for name in included:
+            if name not in processes:
+                problems.append(f"{pipeline}: includes {name}, which no module defines")
+            elif not any(call == name for call, _ in calls):
+                problems.append(f"{pipeline}: includes {name} but never calls it")
+        for name, args in calls:
+            if name in processes and len(args) != len(processes[name].inputs):
+                problems.append(f"{pipeline}: {name} called with {len(args)} arguments, "
+                                f"declares {len(processes[name].inputs)} inputs")
+        for name, emit in nf.out_references(text):
+            emits = [d.options.get("emit") for d in processes[name].outputs] if name in processes else []
+            if emit not in emits:
+                problems.append(f"{pipeline}: {name}.out.{emit} is not an emit of {name} ({emits})")
+    return problems
+
+
+def gpu_problems(root: Path) -> list[str]:
+    """GPU labels ask for GPUs: `accelerator` in base.config, `--gres=gpu` on SLURM (which ignores it)."""
+    problems = []
+    base = nf.read_config(root / "conf" / "base.config").block("process")
+    slurm = nf.read_config(root / "conf" / "slurm.config").block("process")
+    for label in GPU_LABELS:
+        name = f"withLabel: '{label}'"
+        if "accelerator" not in (base.block(name) or nf.ConfigBlock(name)).assignments:
+            problems.append(f"base.config: {label} sets no accelerator")
+        options = (slurm.block(name) or nf.ConfigBlock(name)).assignments.get("clusterOptions", "")
+        if "--gres=gpu:" not in options:
+            problems.append(f"slurm.config: {label} clusterOptions lack --gres=gpu:N ({options!r})")
+    return problems
+
+
+def test_every_nextflow_file_parses_and_includes_resolve():
+    assert len(list(WORKFLOWS.rglob("*.nf"))) >= 2 + 5
+    assert parse_problems(WORKFLOWS) == []
+
+
+def test_every_config_file_reads_as_blocks_and_assignments():
+    for path in WORKFLOWS.rglob("*.config"):
+        assert nf.read_config(path).walk(), path
+    root = nf.read_config(WORKFLOWS / "nextflow.config")
+    assert {"local", "slurm", "test"} <= {b.name for b in root.block("profiles").blocks}
+    assert root.includes == ["conf/base.config"]
+
+
+def test_modules_hold_one_labelled_process_running_one_fm_command():
+    assert module_problems(WORKFLOWS) == []
+
+
+def test_workflow_calls_match_process_declarations():
+    assert wiring_problems(WORKFLOWS) == []
+
+
+def test_gpu_processes_request_gpus_on_slurm():
+    assert gpu_problems(WORKFLOWS) == []
+
+
+def test_multi_node_pretraining_uses_srun_and_matching_slurm_request():
+    slurm = nf.read_config(WORKFLOWS / "conf" / "slurm.config").block("process").block("withLabel: 'process_gpu_multi'")
+    options = slurm.assignments["clusterOptions"]
+    assert "--nodes=${params.pretrain_nodes}" in options
+    assert "--ntasks-per-node=${params.pretrain_devices}" in options and "--gres=gpu:${params.pretrain_devices}" in options
+    assert slurm.assignments["ext.launcher"].startswith("'srun ")
+    for name in ("pathology_pretrain.nf", "earthobs_pretrain.nf"):
+        (proc,) = nf.parse_module(WORKFLOWS / "modules" / name)
+        assert proc.labels == ["process_gpu_multi"]
+        script, _ = nf.render_script(proc.script, {
+            "params": {**nf.config_params(WORKFLOWS / "nextflow.config"), "pretrain_data": "ssl4eo:/data"},
+            "task": {"cpus": 8, "ext": {"launcher": "srun"}}, "samplesheet": "s.csv", "tile_dirs": nf.Staged(),
+            "config": nf.Staged(), "labels": nf.Staged(), "init_weights": nf.Staged()})
+        assert re.search(r"^srun fm-train \w+", script, re.M), script
+        assert "--devices 4" in script and "--nodes 1" in script and "--strategy ddp" in script
+
+
+def test_sbatch_example_requests_one_task_per_gpu():
+    path = WORKFLOWS / "examples" / "sbatch_pretrain.sh"
+    text = path.read_text()
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    sbatch = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", text, re.M))
+    command = re.search(r"^srun (fm-train .+?)(?:\n\n|\Z)", text.replace("\\\n", " "), re.M | re.S).group(1)
+    argv = shlex.split(command)
+    flag = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
+    assert argv[:2] == ["fm-train", "pathology"]
+    assert flag["--devices"] == sbatch["ntasks-per-node"] == sbatch["gres"].rsplit(":", 1)[1]
+    assert flag["--nodes"] == sbatch["nodes"]
+    assert flag["--strategy"] == "ddp"
+
+
+def test_checks_catch_a_broken_pipeline(tmp_path):
+    """The checks above fail on mistakes: a typo'd emit, a missing argument, a lost label, no --gres,
+    a stray command, an unparsable file."""
+    broken = tmp_path / "workflows"
+    shutil.copytree(WORKFLOWS, broken)
+    pipeline = broken / "pathology.nf"
+    text = pipeline.read_text()
+    text = text.replace("PATHOLOGY_TILE.out.tiles", "PATHOLOGY_TILE.out.tile", 1)
+    text = text.replace("PATHOLOGY_EVAL(PATHOLOGY_EXTRACT.out.features.flatten().collect(), params.eval_task)",
+                        "PATHOLOGY_EVAL(PATHOLOGY_EXTRACT.out.features.flatten().collect())")
+    pipeline.write_text(text)
+    tile = broken / "modules" / "pathology_tile.nf"
+    tile.write_text(tile.read_text().replace("    label 'process_medium'\n", "").replace(
+        "    ${tracking_env}\n", "    ${tracking_env}\n    fm-eval pathology demo\n"))
+    slurm = broken / "conf" / "slurm.config"
+    slurm.write_text(slurm.read_text().replace('"--gres=gpu:1 ', '"'))
+    (broken / "modules" / "extra.nf").write_text('process EXTRA {\n    script:\n    """\n    echo\n    """\n}}}\nworkflow {\n  EXTRA(\n')
+
+    wiring = wiring_problems(broken)
+    assert any("PATHOLOGY_TILE.out.tile " in p for p in wiring)
+    assert any("PATHOLOGY_EVAL called with 1 arguments" in p for p in wiring)
+    modules = module_problems(broken)
+    assert any("pathology_tile.nf: labels []" in p for p in modules)
+    assert any("pathology_tile.nf: script runs 2 fm-* commands" in p for p in modules)
+    assert [p.split(" (")[0] for p in gpu_problems(broken)] == ["slurm.config: process_gpu clusterOptions lack --gres=gpu:N"]
+    assert any(p.startswith("extra.nf") for p in parse_problems(broken))
