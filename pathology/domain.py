@@ -17,6 +17,8 @@ from fm.domains import Command, Domain
 from fm.train import add_train_args, apply_train_flags, multicrop_from_config, run_pretraining
 from pathology.augment import HEPhotometric
 from pathology.cohorts import SlideRecord, resolve_cohorts
+from pathology.evaluate import EVAL_TASKS
+from pathology.extract import EXTRACT_COMMAND
 from pathology.tile_dataset import TileStream
 from pathology.tiling import COORDS_NAME, tile_cohort, tiling_defaults
 from pathology.tissue import TissueParams
@@ -158,5 +160,7 @@ DOMAIN = Domain(
                   run=train, add_args=_add_train_args, default_config=CONFIGS / "phikon_v2.yaml"),
     prepare=Command(help="tissue detection + tiling of a cohort (resumable; one bad slide never stops it)",
                     run=prepare, add_args=_add_prepare_args),
+    extract=EXTRACT_COMMAND,
+    eval_tasks=EVAL_TASKS,
     configs_dir=CONFIGS,
 )

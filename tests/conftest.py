@@ -6,6 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# One intra-op thread: the tests' tensors are tiny, and OpenMP threads spinning against DataLoader
+# workers (or a busy machine) made steps 10-100x slower; one thread is fast and predictable.
+torch.set_num_threads(1)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_FIXTURES = Path(os.environ.get("FM_SHARED_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures"))

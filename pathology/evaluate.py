@@ -1,0 +1,262 @@
+"""`fm-eval pathology <task>`: slide-level MIL evaluation of extracted features, k folds x seeds ensembled.
+
+    fm-eval pathology tcga-nsclc --features-dir feats/phikon-v2 --data-root /data/tcga
+    fm-eval pathology tcga-brca --features-dir feats --labels brca_subtypes.csv --test-features-dir feats-cptac
+    fm-eval pathology demo --features-dir feats --folds 2 --seeds 2 --epochs 5
+    fm-eval pathology csv my_task.csv --features-dir feats          # the `csv:PATH` task
+
+Features are read once into a FeatureBank; the protocol (evaluation.mil_protocol) trains folds x seeds
+members and averages them on the external cohort (or reports out-of-fold predictions). Outputs:
+`results.csv` (metric, value, 95 % CI), `runs.csv` (one row per member), `predictions.csv`,
+`summary.md`, and one MLflow parent run with a child run per fold x seed, the ROC curve and attention
+heatmaps over the tiling thumbnails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from evaluation.mil_data import FeatureBank
+from evaluation.mil_protocol import MILConfig, MILResults, log_mil_results, run_mil_protocol
+from fm.domains import Command
+from pathology.feature_files import FINGERPRINT_ATTRS, read_feature_attrs
+from pathology.tasks import (
+    BUILTIN_TASKS,
+    DEFAULT_COHORT,
+    Task,
+    TaskError,
+    build_task,
+    slide_table,
+    slide_table_from_features,
+    task_labels,
+)
+
+THUMBNAIL_NAME = "thumbnail.png"
+_LISTED = 20
+
+
+def _show(items) -> str:
+    items = list(items)
+    return ", ".join(map(str, items[:_LISTED])) + (f", ... and {len(items) - _LISTED} more" if len(items) > _LISTED else "")
+
+
+def _feature_paths(ids, directory: Path) -> dict[str, Path]:
+    return {s: directory / f"{s}.h5" for s in ids}
+
+
+def check_features(task: Task, features_dir: Path, test_dir: Path | None, drop_missing: bool = False) -> Task:
+    """Every labelled slide must have a feature file (else a clear error listing them, or `drop_missing`)."""
+    for table, directory, what in ((task.labels, features_dir, "labelled"), (task.test, test_dir or features_dir, "test")):
+        if table is None:
+            continue
+        missing = [s for s, p in _feature_paths(table["slide_id"], directory).items() if not p.is_file()]
+        if missing and not drop_missing:
+            raise TaskError(f"task {task.name}: {len(missing)} {what} slide(s) have no features in {directory}: "
+                            f"{_show(missing)} (extract them, or pass --drop-missing to leave them out)")
+        if missing:
+            task.notes.append(f"{len(missing)} {what} slide(s) without features left out: {_show(missing)}")
+            kept = table[~table["slide_id"].isin(missing)].reset_index(drop=True)
+            if what == "test":
+                task.test = kept if len(kept) else None
+            else:
+                task.labels = kept
+    return task
+
+
+def check_same_extraction(paths: dict[str, Path]) -> dict:
+    """All files must come from one extraction (encoder, weights hash, feature kind, preprocessing);
+    a file from another encoder is refused, naming it. Returns the common attributes."""
+    attrs = {s: read_feature_attrs(p) for s, p in paths.items()}
+    keys = {s: tuple(str(a.get(k, "")) for k in FINGERPRINT_ATTRS) for s, a in attrs.items()}
+    common = Counter(keys.values()).most_common(1)[0][0]
+    odd = [s for s, key in keys.items() if key != common]
+    if odd:
+        def differs(s: str) -> str:
+            return ", ".join(f"{k}={v!r}" for k, v, c in zip(FINGERPRINT_ATTRS, keys[s], common) if v != c)
+
+        raise ValueError(f"{len(odd)} feature file(s) come from another extraction than the other "
+                         f"{len(keys) - len(odd)} (encoder {common[0]!r}, feature {common[2]!r}): "
+                         f"{_show(f'{paths[s]} ({differs(s)})' for s in odd)}")
+    return dict(zip(FINGERPRINT_ATTRS, common))
+
+
+def load_bank(task: Task, features_dir: Path, test_dir: Path | None) -> tuple[FeatureBank, dict]:
+    """One FeatureBank over the labelled and test slides (read once), and the common extraction attributes."""
+    cv_ids = task.labels["slide_id"].tolist()
+    test_ids = task.test["slide_id"].tolist() if task.test is not None else []
+    paths = _feature_paths(cv_ids, features_dir) | _feature_paths(test_ids, test_dir or features_dir)
+    common = check_same_extraction(paths)
+    if test_dir is None or not test_ids:
+        return FeatureBank.from_h5_dir(features_dir, cv_ids + test_ids, encoder=common["encoder"]), common
+    parts = [FeatureBank.from_h5_dir(d, ids, encoder=common["encoder"]) for d, ids in ((features_dir, cv_ids),
+                                                                                     (test_dir, test_ids))]
+    offsets = np.concatenate([parts[0].offsets, parts[1].offsets[1:] + parts[0].offsets[-1]])
+    coords = None if any(p.coords is None for p in parts) else np.concatenate([p.coords for p in parts])
+    bank = FeatureBank(cv_ids + test_ids, np.concatenate([p.features for p in parts]), offsets, coords, common["encoder"])
+    return bank, common
+
+
+def _thumbnails(results: MILResults, paths: dict[str, Path]) -> dict[str, tuple[np.ndarray, float]]:
+    """slide_id -> (thumbnail, level-0 px per thumbnail px) for the attention slides: the tiling's
+    thumbnail.png, else a fresh one from the slide; slides neither way readable get no heatmap."""
+    from PIL import Image
+
+    out = {}
+    for sid in results.attention:
+        try:
+            attrs = read_feature_attrs(paths[sid])
+            coords_path = str(attrs.get("coords_path") or "")
+            png = Path(coords_path).parent / THUMBNAIL_NAME if coords_path else None
+            if png is not None and png.is_file():
+                image = np.asarray(Image.open(png).convert("RGB"))
+                with h5py.File(paths[sid], "r") as f:
+                    width0 = float(f["coords"].attrs.get("level0_width", 0)) or None
+            else:
+                from pathology.slides import open_slide, thumbnail
+
+                with open_slide(attrs["slide_path"], float(attrs.get("slide_mpp") or 0) or None) as slide:
+                    width0 = float(slide.dimensions[0])
+                    image = thumbnail(slide, max(width0 * slide.mpp / 1024, slide.mpp))
+            if width0:
+                out[sid] = (image, width0 / image.shape[1])
+        except Exception as err:  # noqa: BLE001 - a missing thumbnail only costs one figure
+            print(f"  no attention heatmap for {sid}: {type(err).__name__}: {err}")
+    return out
+
+
+def results_table(results: MILResults) -> pd.DataFrame:
+    """One row per reported metric: value with its 95 % bootstrap interval where there is one."""
+    rows = []
+    for key, value in results.summary.items():
+        if key.endswith(("_low", "_high")):
+            continue
+        rows.append({"metric": key, "value": value, "ci_low": results.summary.get(f"{key}_low", np.nan),
+                     "ci_high": results.summary.get(f"{key}_high", np.nan)})
+    return pd.DataFrame(rows, columns=["metric", "value", "ci_low", "ci_high"])
+
+
+def evaluate_task(task: Task, features_dir, output_dir, test_features_dir=None, config: MILConfig | None = None,
+                  tracking_uri: str | None = None, experiment: str = "fm-pathology-eval", run_name: str | None = None,
+                  drop_missing: bool = False) -> dict:
+    """Run the MIL protocol for `task` on extracted features; write and log the results."""
+    from fm.tracking import tracked_run
+
+    features_dir = Path(features_dir)
+    test_dir = Path(test_features_dir) if test_features_dir else None
+    for d in (features_dir, test_dir):
+        if d is not None and not d.is_dir():
+            raise FileNotFoundError(f"feature directory {d} does not exist")
+    task = check_features(task, features_dir, test_dir, drop_missing)
+    config = config or MILConfig()
+    bank, common = load_bank(task, features_dir, test_dir)
+    paths = _feature_paths(task.labels["slide_id"], features_dir)
+    if task.test is not None:
+        paths |= _feature_paths(task.test["slide_id"], test_dir or features_dir)
+    test = task.test[["slide_id", "label"] if "label" in task.test.columns else ["slide_id"]] if task.test is not None else None
+    results = run_mil_protocol(bank, task.labels, test, config)
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = results_table(results)
+    table.to_csv(out / "results.csv", index=False)
+    results.runs.to_csv(out / "runs.csv", index=False)
+    results.predictions.to_csv(out / "predictions.csv", index=False)
+    header = (f"# fm-eval pathology {task.name}\n\nencoder `{common['encoder']}` ({common['feature']} features, "
+              f"weights sha256 {common['encoder_weights_sha256'][:12]}), {len(task.labels)} labelled slides "
+              f"({task.level}-level labels, {task.labels['patient_id'].nunique()} patients), "
+              f"{0 if task.test is None else len(task.test)} external test slides\n\n")
+    notes = "".join(f"- {n}\n" for n in task.notes)
+    markdown = header + results.to_markdown() + ("\n\nNotes:\n" + notes if notes else "") + "\n"
+    (out / "summary.md").write_text(markdown)
+
+    name = run_name or f"{task.name}-{Path(str(common['encoder'])).name}-{config.model}"
+    run_config = {"task": task.name, "features_dir": str(features_dir), "test_features_dir": str(test_dir or ""),
+                  "encoder": common["encoder"], "feature": common["feature"],
+                  "preprocessing": json.loads(common["preprocessing"] or "{}")}
+    with tracked_run(experiment, run_name=name, config=run_config, tracking_uri=tracking_uri,
+                     tags={"task": task.name, "encoder": common["encoder"], "model": config.model}) as run:
+        log_mil_results(results, run, thumbnails=_thumbnails(results, paths))
+        for file in ("results.csv", "runs.csv", "predictions.csv", "summary.md"):
+            run.log_artifact(out / file, "outputs")
+    print(markdown)
+    return {"task": task.name, "encoder": common["encoder"], "output_dir": str(out), "run_id": run.run_id,
+            "metrics": dict(results.summary), "primary": results.primary_split, "markdown": markdown,
+            "n_slides": len(task.labels), "n_test": 0 if task.test is None else len(task.test)}
+
+
+# -- CLI ------------------------------------------------------------------------------------------------
+def _slides_for(args: argparse.Namespace, task_name: str, features_dir: Path) -> pd.DataFrame:
+    """The slide table a task draws from: the named cohort, else the task's default cohort where it
+    needs no data root (demo) or one was given, else the attributes of the feature files."""
+    from pathology.domain import select_slides
+
+    cohort = DEFAULT_COHORT.get(task_name)
+    if args.cohorts or (cohort == "demo") or (cohort and args.data_root):
+        return slide_table(select_slides(args, [cohort] if cohort else []))
+    return slide_table_from_features(features_dir)
+
+
+def _add_eval_args(p: argparse.ArgumentParser, task_name: str) -> None:
+    from pathology.domain import add_cohort_args
+
+    if task_name == "csv":
+        p.add_argument("table", help="task CSV: slide_id or patient_id, label [, fold] [, split=test rows]")
+    add_cohort_args(p)
+    p.add_argument("--features-dir", required=True, help="fm-extract output: <slide_id>.h5 per slide")
+    p.add_argument("--test-features-dir", help="features of an external test cohort (all members predict it)")
+    p.add_argument("--test-labels", help="labels of the external cohort: slide_id or patient_id, label")
+    if task_name == "tcga-brca":
+        p.add_argument("--labels", help="IDC/ILC labels: CSV with slide_id or patient_id, label (required)")
+    p.add_argument("--output-dir", help="results go here (default fm-runs/eval/<task>)")
+    p.add_argument("--model", default="abmil", choices=["abmil", "mean"], help="gated attention MIL or mean pooling")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max-tiles", type=int, default=5000, help="tiles sampled per slide per training step")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--drop-missing", action="store_true", help="leave out labelled slides without features")
+    p.add_argument("--experiment", default="fm-pathology-eval", help="MLflow experiment")
+    p.add_argument("--run-name")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or local SQLite)")
+
+
+def _run_eval(args: argparse.Namespace, task_name: str) -> dict:
+    name = f"csv:{args.table}" if task_name == "csv" else task_name
+    features_dir = Path(args.features_dir)
+    task = build_task(name, _slides_for(args, task_name, features_dir), getattr(args, "labels", None))
+    if args.test_labels or (args.test_features_dir and task.test is None):
+        test_dir = Path(args.test_features_dir or args.features_dir)
+        test_slides = slide_table_from_features(test_dir)
+        if args.test_labels:
+            rows, _, notes = task_labels(f"csv:{args.test_labels}", test_slides)
+        elif task_name in BUILTIN_TASKS and task_name != "demo":
+            rows, _, notes = task_labels(name, test_slides, getattr(args, "labels", None))
+        else:
+            rows, notes = test_slides[["slide_id", "patient_id"]], ["external cohort without labels: predictions only"]
+        task.test = rows[[c for c in ("slide_id", "patient_id", "label") if c in rows.columns]]
+        task.notes += notes
+    config = MILConfig(model=args.model, folds=args.folds, seeds=args.seeds, epochs=args.epochs, lr=args.lr,
+                       max_tiles=args.max_tiles, device=args.device)
+    return evaluate_task(task, features_dir, args.output_dir or f"fm-runs/eval/{task_name}", args.test_features_dir,
+                         config, args.tracking_uri, args.experiment, args.run_name, args.drop_missing)
+
+
+def _command(task_name: str, help_text: str) -> Command:
+    return Command(help=help_text, run=lambda args: _run_eval(args, task_name),
+                   add_args=lambda p: _add_eval_args(p, task_name))
+
+
+EVAL_TASKS = {
+    "tcga-nsclc": _command("tcga-nsclc", "LUAD vs LUSC (label = TCGA project), diagnostic tumour slides"),
+    "tcga-brca": _command("tcga-brca", "IDC vs ILC; needs --labels CSV (slide or patient ids)"),
+    "demo": _command("demo", "the demo cohort's stroma / tumour / glandular label"),
+    "csv": _command("csv", "a user task: `fm-eval pathology csv TABLE.csv` (the csv:PATH task)"),
+}

@@ -1,0 +1,381 @@
+"""`fm-extract pathology`: tile features of whole cohorts into one `<slide_id>.h5` per slide.
+
+Speed: one DataLoader streams the tiles of MANY slides in slide order (workers decode JPEG tiles in
+parallel, batches cross slide boundaries), so the GPU never waits at the end of a slide; the device
+output of batch k is copied to pinned host memory while batch k+1 runs. Each slide's rows go straight
+into its temporary file, which is renamed into place once its last tile is embedded: memory does not
+grow with slide size, and a killed run keeps every finished slide.
+
+Safety: slides are sharded over processes (`--shard i/n`, or RANK/WORLD_SIZE under torchrun, one
+process per GPU), each output has a lock, finished files are skipped on a rerun (same encoder,
+weights hash, feature kind and preprocessing), and a bad slide is recorded in
+`<output-dir>/extract_manifest.csv` with its reason while the others go on (`--fail-fast` stops).
+Slides that are not tiled yet are tiled first with the tiling defaults (or --tile-px/--target-mpp/
+--min-tissue), so the command works on a fresh cohort.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from fm.domains import Command
+from fm.io import ItemLock, remove_stale_temporaries
+from fm.registry import load_encoder
+from pathology.cohort_tiles import PREFETCH, CohortTiles, collate_tiles, embed_stream
+from pathology.cohorts import SlideRecord
+from pathology.feature_files import FeatureFileWriter, code_version, feature_file_state, weights_sha256
+from pathology.tile_dataset import SlideTiles
+from pathology.tiling import (
+    COORDS_NAME,
+    FAILED,
+    LOCKED,
+    OK,
+    OK_EMPTY,
+    SKIPPED_DONE,
+    _write_manifest,
+    read_coords,
+)
+
+MANIFEST_NAME = "extract_manifest.csv"
+FEATURE_KINDS = ("cls", "cls+mean")
+
+
+class FeatureEncoder:
+    """A frozen backbone plus its input pipeline: uint8 tiles on the device -> (B, dim) float32 features.
+
+    Resizing (to the encoder's input size) and normalisation (the encoder's mean/std) run on the
+    device, so workers ship compact uint8 tiles and the host does no per-pixel float work."""
+
+    def __init__(self, name: str, feature: str = "cls", weights: str | None = None, device: str = "auto",
+                 precision: str = "auto", input_px: int | None = None, compile_model: bool = False, loaded=None):
+        if feature not in FEATURE_KINDS:
+            raise ValueError(f"--feature {feature!r}: use one of {FEATURE_KINDS}")
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        if precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"--precision {precision!r}: use auto, bf16 or fp32")
+        self.amp = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # pinned memory and kernels on this process's GPU
+        loaded = loaded or load_encoder(name, weights)
+        self.backbone = loaded.backbone.to(self.device).eval().requires_grad_(False)
+        is_file = loaded.weights_path is not None and loaded.spec.name == str(loaded.weights_path)
+        self.name = str(Path(loaded.weights_path).resolve()) if is_file else loaded.spec.name
+        self.weights_path, self.checkpoint_format = loaded.weights_path, loaded.checkpoint_format
+        self.weights_sha256 = weights_sha256(loaded.weights_path)
+        self.feature = feature
+        self.input_px = int(input_px if input_px is not None else loaded.spec.backbone.img_size)
+        self.mean = tuple(float(v) for v in loaded.spec.mean)
+        self.std = tuple(float(v) for v in loaded.spec.std)
+        self._mean = torch.tensor(self.mean, device=self.device).view(1, -1, 1, 1) * 255.0
+        self._std = torch.tensor(self.std, device=self.device).view(1, -1, 1, 1) * 255.0
+        self.dim = self.backbone.embed_dim * (2 if feature == "cls+mean" else 1)
+        self.compiled = compile_model
+        if compile_model:
+            self.backbone.compile(dynamic=False)
+
+    def preprocessing(self, tile_px: int, target_mpp: float) -> dict:
+        resize = "none" if self.input_px in (0, tile_px) else "bilinear-antialias"
+        return {"tile_px": int(tile_px), "target_mpp": float(target_mpp),
+                "input_px": int(self.input_px or tile_px), "resize": resize, "mean": list(self.mean),
+                "std": list(self.std), "scale": "uint8/255"}
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, non_blocking=True).float()
+        if self.input_px and x.shape[-1] != self.input_px:
+            x = F.interpolate(x, size=(self.input_px, self.input_px), mode="bilinear", antialias=True,
+                              align_corners=False)
+        x = (x - self._mean) / self._std
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            out = self.backbone.forward_tokens(x)
+        feats = out["cls"] if self.feature == "cls" else torch.cat([out["cls"], out["patch"].mean(1)], dim=1)
+        return feats.float()
+
+
+@dataclass
+class SlideJob:
+    record: SlideRecord
+    coords_path: Path
+    out_path: Path
+    n_tiles: int
+    slide_mpp: float
+    lock: ItemLock | None = None
+    started: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def row(self, status: str, reason: str = "", seconds: float = 0.0) -> dict:
+        r = self.record
+        return dict(slide_id=r.slide_id, patient_id=r.patient_id, slide_path=str(r.slide_path), status=status,
+                    reason=reason, n_tiles=self.n_tiles, seconds=round(seconds, 3), mpp=self.slide_mpp)
+
+
+def _record_row(record: SlideRecord, status: str, reason: str, n_tiles: int = 0) -> dict:
+    return dict(slide_id=record.slide_id, patient_id=record.patient_id, slide_path=str(record.slide_path),
+                status=status, reason=reason, n_tiles=n_tiles, seconds=0.0, mpp=record.mpp)
+
+
+def shard_of(records: list[SlideRecord], shard: str | None) -> list[SlideRecord]:
+    """Slides of shard `i/n` (sorted ids, every n-th); without `shard`, RANK/WORLD_SIZE (torchrun) decide."""
+    if shard is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        shard = f"{os.environ.get('RANK', os.environ.get('LOCAL_RANK', '0'))}/{os.environ['WORLD_SIZE']}"
+    if shard is None:
+        return records
+    try:
+        index, count = (int(v) for v in shard.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {shard!r}: expected INDEX/COUNT, e.g. 0/4") from None
+    if not 0 <= index < count:
+        raise ValueError(f"--shard {shard!r}: INDEX must be in 0..COUNT-1")
+    return sorted(records, key=lambda r: r.slide_id)[index::count]
+
+
+def _tile_missing(records: list[SlideRecord], tiles_dir: Path, tiling: dict) -> dict[str, str]:
+    """Tile slides without coords.h5; returns slide_id -> reason for those that could not be tiled."""
+    missing = [r for r in records if not (tiles_dir / r.slide_id / COORDS_NAME).is_file()]
+    if not missing:
+        return {}
+    from pathology.tiling import tile_cohort, tiling_defaults
+    from pathology.tissue import TissueParams
+
+    params = {**tiling_defaults(), **{k: v for k, v in tiling.items() if v is not None}}
+    print(f"tiling {len(missing)} slide(s) first into {tiles_dir} ({params['tile_px']} px at {params['target_mpp']} um/px)")
+    table = tile_cohort(missing, tiles_dir, tile_px=params["tile_px"], target_mpp=params["target_mpp"],
+                        min_tissue=params["min_tissue"], workers=params["workers"],
+                        tissue_params=TissueParams(**params["tissue"]))
+    return {row.slide_id: f"tiling {row.status}: {row.reason}" for row in table.itertuples()
+            if row.status not in (OK, OK_EMPTY, SKIPPED_DONE)}
+
+
+def plan_extraction(records: list[SlideRecord], tiles_dir: Path, output_dir: Path, encoder: FeatureEncoder,
+                    overwrite: bool = False, tiling: dict | None = None) -> tuple[list[SlideJob], list[dict], dict]:
+    """(jobs to run, with their locks held; manifest rows of slides not run; file attributes common to all)."""
+    not_tiled = _tile_missing(records, tiles_dir, tiling or {})
+    rows, found = [], []
+    for record in records:
+        coords_path = tiles_dir / record.slide_id / COORDS_NAME
+        if record.slide_id in not_tiled or not coords_path.is_file():
+            rows.append(_record_row(record, FAILED, not_tiled.get(record.slide_id, f"{coords_path} missing")))
+            continue
+        try:
+            with h5py.File(coords_path, "r") as f:
+                n, attrs = int(f["coords"].shape[0]), dict(f["coords"].attrs)
+            found.append((record, coords_path, n, attrs))
+        except (OSError, KeyError) as err:
+            rows.append(_record_row(record, FAILED, f"{coords_path}: unreadable tiling output ({err})"))
+    if not found:
+        return [], rows, {}
+    settings = Counter((int(a["patch_size"]), float(a["target_mpp"])) for _, _, _, a in found)
+    tile_px, target_mpp = settings.most_common(1)[0][0]
+    common = {**encoder_attrs(encoder, tile_px, target_mpp), "patch_size": tile_px, "target_mpp": target_mpp}
+    fingerprint = {k: common[k] for k in ("encoder", "encoder_weights_sha256", "feature", "preprocessing")}
+    jobs = []
+    for record, coords_path, n, attrs in found:
+        if (int(attrs["patch_size"]), float(attrs["target_mpp"])) != (tile_px, target_mpp):
+            rows.append(_record_row(record, FAILED, f"{coords_path}: tiled at {attrs['patch_size']} px, "
+                                    f"{attrs['target_mpp']} um/px; the cohort's other slides at {tile_px} px, "
+                                    f"{target_mpp} um/px: one extraction needs one tile setting (re-tile it)", n))
+            continue
+        job = SlideJob(record, coords_path, output_dir / f"{record.slide_id}.h5", n, float(attrs["slide_mpp"]))
+        if n == 0:
+            rows.append(job.row(OK_EMPTY, "no tissue tiles: no feature file"))
+            continue
+        state = "missing" if overwrite else feature_file_state(job.out_path, n, fingerprint)
+        if state == "complete":
+            rows.append(job.row(SKIPPED_DONE, "features already extracted"))
+            continue
+        if state.startswith("conflict"):
+            rows.append(job.row(FAILED, state.split(": ", 1)[1]))
+            continue
+        job.lock = ItemLock(job.out_path)
+        if not job.lock.acquire():
+            rows.append(job.row(LOCKED, "another process is extracting this slide"))
+            continue
+        if not overwrite and feature_file_state(job.out_path, n, fingerprint) == "complete":
+            job.lock.release()  # finished by another process between the check and the lock
+            rows.append(job.row(SKIPPED_DONE, "features already extracted"))
+            continue
+        remove_stale_temporaries(job.out_path)
+        jobs.append(job)
+    return jobs, rows, common
+
+
+def encoder_attrs(encoder: FeatureEncoder, tile_px: int, target_mpp: float) -> dict:
+    """File attributes describing the extraction (identical for every slide of a run)."""
+    return dict(encoder=encoder.name, encoder_weights_sha256=encoder.weights_sha256,
+                encoder_weights_file=str(encoder.weights_path or ""), checkpoint_format=encoder.checkpoint_format,
+                feature=encoder.feature, feature_dim=encoder.dim,
+                preprocessing=json.dumps(encoder.preprocessing(tile_px, target_mpp), sort_keys=True),
+                code_version=code_version())
+
+
+def _in_flight(todo: list[int], jobs: list[SlideJob], writers: dict, finished: set, window: int) -> list[int]:
+    """Unfinished slides the loader may have been reading: those within `window` tiles (what the
+    workers prefetch) of the first row not yet written."""
+    suspects = []
+    for p in todo:
+        if p in finished:
+            continue
+        if window <= 0:
+            break
+        suspects.append(p)
+        window -= jobs[p].n_tiles - (writers[p].filled if p in writers else 0)
+    return suspects
+
+
+def _slide_attrs(job: SlideJob, common: dict, dtype: str) -> dict:
+    r = job.record
+    return {**common, "dtype": dtype, "n_tiles": job.n_tiles, "slide_id": r.slide_id, "patient_id": r.patient_id,
+            "cohort": r.cohort or "", "project": r.project or "", "slide_path": str(r.slide_path),
+            "coords_path": str(job.coords_path), "slide_mpp": job.slide_mpp}
+
+
+def extract_cohort(records: list[SlideRecord], tiles_dir: str | os.PathLike, output_dir: str | os.PathLike,
+                   encoder: FeatureEncoder, batch_size: int = 64, workers: int = 4, dtype: str = "float16",
+                   overwrite: bool = False, fail_fast: bool = False, tiling: dict | None = None) -> pd.DataFrame:
+    """Extract every slide of `records`; returns this run's manifest rows (also merged into the manifest)."""
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"--dtype {dtype!r}: use float16 or float32")
+    tiles_dir, output_dir = Path(tiles_dir), Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    jobs, rows, common = plan_extraction(records, tiles_dir, output_dir, encoder, overwrite, tiling)
+    writers: dict[int, FeatureFileWriter] = {}
+    finished: set[int] = set()
+
+    def fail(pos: int, reason: str) -> None:
+        if pos in finished:
+            return
+        finished.add(pos)
+        if pos in writers:
+            writers.pop(pos).discard()
+        jobs[pos].lock.release()
+        rows.append(jobs[pos].row(FAILED, reason, time.perf_counter() - (jobs[pos].started or time.perf_counter())))
+        print(f"  FAILED {jobs[pos].record.slide_id}: {reason}")
+        if fail_fast:
+            raise RuntimeError(f"--fail-fast: slide {jobs[pos].record.slide_id} failed: {reason}")
+
+    def consume(pos: int, start_row: int, features: np.ndarray) -> None:
+        job = jobs[pos]
+        if pos in finished:
+            return
+        if pos not in writers:
+            job.started = time.perf_counter()
+            writers[pos] = FeatureFileWriter(job.out_path, job.n_tiles, encoder.dim, dtype)
+        writer = writers[pos]
+        if start_row != writer.filled:
+            raise RuntimeError(f"{job.record.slide_id}: tile rows arrived out of order")
+        try:
+            writer.write_rows(start_row, features)
+            if writer.filled == job.n_tiles:
+                coords, coords_attrs = read_coords(job.coords_path)
+                writers.pop(pos).commit(coords, coords_attrs, _slide_attrs(job, common, dtype))
+                finished.add(pos)
+                job.lock.release()
+                rows.append(job.row(OK, "", time.perf_counter() - job.started))
+        except OSError as err:
+            fail(pos, f"{job.out_path}: cannot write features: {err}")
+
+    try:
+        queue, suspects = list(range(len(jobs))), []
+        while queue or suspects:
+            # after a worker crash, each slide that was in flight runs alone to find the one that crashes
+            todo, alone = ([suspects.pop(0)], True) if suspects else (queue, False)
+            tiles = [SlideTiles(str(jobs[p].record.slide_path), str(jobs[p].coords_path), jobs[p].n_tiles,
+                                jobs[p].slide_mpp) for p in todo]
+            dataset = CohortTiles(tiles, int(common["patch_size"]), float(common["target_mpp"]))
+            try:
+                embed_stream(dataset, encoder, batch_size, workers, collate_tiles,
+                             on_rows=lambda i, row, feats, todo=todo: consume(todo[i], row, feats),
+                             on_error=lambda i, reason, todo=todo: fail(todo[i], reason))
+            except RuntimeError as err:
+                if "DataLoader worker" not in str(err):
+                    raise
+                if alone:
+                    fail(todo[0], f"the tile-reading worker died while reading this slide ({err})")
+                else:
+                    suspects = _in_flight(todo, jobs, writers, finished, (PREFETCH * workers + 2) * batch_size)
+                    print(f"  a tile-reading worker died ({err}); retrying {len(suspects)} slide(s) one by one")
+                for p in todo:
+                    if p in writers and p not in finished:
+                        writers.pop(p).discard()  # its rows come again on the retry
+            queue = [p for p in queue if p not in finished and p not in suspects]
+    finally:
+        for pos in list(writers):
+            writers.pop(pos).discard()
+        for job in jobs:
+            if job.lock is not None:
+                job.lock.release()
+        if rows:
+            _write_manifest(output_dir / MANIFEST_NAME, rows)
+    columns = ["slide_id", "patient_id", "slide_path", "status", "reason", "n_tiles", "seconds", "mpp"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+# -- CLI ------------------------------------------------------------------------------------------------
+def add_extract_args(p: argparse.ArgumentParser) -> None:
+    from pathology.domain import add_cohort_args
+
+    add_cohort_args(p)
+    p.add_argument("--tiles-dir", default="fm-runs/tiles", help="tiling output (slides not tiled yet are tiled here)")
+    p.add_argument("--output-dir", required=True, help="one <slide_id>.h5 per slide goes here")
+    p.add_argument("--encoder", required=True,
+                   help="registered name (pathology/phikon-v2, dinov2/vitl14, ...) or a checkpoint file/folder")
+    p.add_argument("--weights", help="weights file for a registered encoder (default: looked up locally)")
+    p.add_argument("--feature", default="cls", choices=FEATURE_KINDS, help="cls token, or cls + mean patch token")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="features on disk")
+    p.add_argument("--batch-size", type=int, help="tiles per forward (default 256 on GPU, 32 on CPU)")
+    p.add_argument("--workers", type=int, default=min(8, max(1, (os.cpu_count() or 2) - 1)),
+                   help="tile-decoding worker processes (0: decode in this process, no crash isolation)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (LOCAL_RANK picks the GPU under torchrun)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 autocast on GPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder (GPU; pays off on big cohorts)")
+    p.add_argument("--input-px", type=int, help="encoder input size (default: the encoder's; 0 keeps the tile size)")
+    p.add_argument("--shard", help="INDEX/COUNT: this process extracts every COUNT-th slide (one process per GPU)")
+    p.add_argument("--overwrite", action="store_true", help="re-extract slides that already have features")
+    p.add_argument("--fail-fast", action="store_true", help="stop at the first bad slide (default: record, go on)")
+    g = p.add_argument_group("tiling of slides not tiled yet (defaults: pathology/configs/tiling.yaml)")
+    g.add_argument("--tile-px", type=int)
+    g.add_argument("--target-mpp", type=float)
+    g.add_argument("--min-tissue", type=float)
+
+
+def run_extract(args: argparse.Namespace) -> dict:
+    from pathology.domain import select_slides
+
+    if not args.cohorts:
+        raise ValueError("--cohorts is required (tcga, tcga:GDC_MANIFEST, csv:PATH or demo)")
+    records = shard_of(select_slides(args, []), args.shard)
+    device = args.device
+    if device == "auto" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    encoder = FeatureEncoder(args.encoder, args.feature, args.weights, device, args.precision, args.input_px,
+                             args.compile)
+    batch_size = args.batch_size or (256 if encoder.device.type == "cuda" else 32)
+    began = time.perf_counter()
+    table = extract_cohort(records, args.tiles_dir, args.output_dir, encoder, batch_size, args.workers, args.dtype,
+                           args.overwrite, args.fail_fast,
+                           dict(tile_px=args.tile_px, target_mpp=args.target_mpp, min_tissue=args.min_tissue))
+    seconds = time.perf_counter() - began
+    statuses = table.groupby("status").size().to_dict() if len(table) else {}
+    n_tiles = int(table.loc[table["status"] == OK, "n_tiles"].sum()) if len(table) else 0
+    manifest = Path(args.output_dir) / MANIFEST_NAME
+    print(f"extracted {statuses.get(OK, 0)} of {len(records)} slide(s) ({n_tiles} tiles, {n_tiles / seconds:.1f} "
+          f"tiles/s) with {encoder.name} into {args.output_dir}: {statuses}; manifest: {manifest}")
+    return {"output_dir": str(args.output_dir), "manifest": str(manifest), "statuses": statuses,
+            "n_tiles": n_tiles, "seconds": round(seconds, 2), "encoder": encoder.name}
+
+
+EXTRACT_COMMAND = Command(
+    help="tile features of a cohort into <output-dir>/<slide_id>.h5 (resumable, sharded, one bad slide never stops it)",
+    run=run_extract, add_args=add_extract_args)

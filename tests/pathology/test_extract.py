@@ -1,0 +1,211 @@
+"""fm-extract pathology: features of the real fixture slide, provenance, resume after a kill, bad slides."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import signal
+import socket
+from pathlib import Path
+
+import h5py
+import numpy as np
+import openslide
+import pytest
+from data_features import hf_reference_cls, save_tiny_hf_encoder
+
+from pathology.cohorts import SlideRecord
+from pathology.extract import MANIFEST_NAME, FeatureEncoder, extract_cohort, shard_of
+from pathology.feature_files import read_features, weights_sha256
+from pathology.tiling import read_coords, tile_cohort
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory) -> Path:
+    return save_tiny_hf_encoder(tmp_path_factory.mktemp("tiny-hf"))
+
+
+@pytest.fixture(scope="module")
+def cmu_cohort(cmu_slide, tmp_path_factory):
+    """The fixture slide under three ids (a small multi-slide cohort of real tissue), tiled at 0.5 um/px."""
+    records = [SlideRecord(f"cmu-{i}", cmu_slide, f"P{i}", "test") for i in range(3)]
+    tiles = tmp_path_factory.mktemp("cmu-tiles")
+    table = tile_cohort(records, tiles, tile_px=224, target_mpp=0.5, min_tissue=0.6)
+    assert (table["status"] == "ok").all(), table
+    return records, tiles
+
+
+def _extract_then_die(records, tiles, out, tiny_hf) -> None:
+    """Run an extraction that SIGKILLs its own process right after writing rows of the second slide."""
+    from pathology import feature_files
+
+    original, seen = feature_files.FeatureFileWriter.write_rows, []
+
+    def write_rows(self, start, rows):
+        original(self, start, rows)
+        seen.append(self.path.name)
+        if len(set(seen)) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    feature_files.FeatureFileWriter.write_rows = write_rows
+    extract_cohort(records, tiles, out, FeatureEncoder(str(tiny_hf), device="cpu"), batch_size=8, workers=0)
+
+
+def _files(directory: Path) -> dict[str, tuple[np.ndarray, np.ndarray, dict]]:
+    return {p.stem: read_features(p) for p in sorted(directory.glob("*.h5"))}
+
+
+def test_extracts_real_slide_with_phikon_format_encoder(cmu_cohort, tiny_hf, tmp_path):
+    records, tiles = cmu_cohort
+    encoder = FeatureEncoder(str(tiny_hf), device="cpu")  # HF Dinov2Model folder, as Phikon-v2 ships
+    table = extract_cohort(records[:1], tiles, tmp_path, encoder, batch_size=16, workers=2)
+    assert table["status"].tolist() == ["ok"], table
+    features, coords, attrs = read_features(tmp_path / "cmu-0.h5")
+    tiling_coords, tiling_attrs = read_coords(tiles / "cmu-0" / "coords.h5")
+    assert features.dtype == np.float16 and features.shape == (len(tiling_coords), 32)
+    assert np.array_equal(coords, tiling_coords)
+    with h5py.File(tmp_path / "cmu-0.h5") as f:
+        assert f["coords"].attrs["patch_size_level0"] == tiling_attrs["patch_size_level0"]  # TRIDENT reads these
+    assert attrs["encoder"] == str((tiny_hf / "model.safetensors").resolve())
+    assert attrs["encoder_weights_sha256"] == hashlib.sha256((tiny_hf / "model.safetensors").read_bytes()).hexdigest()
+    prep = json.loads(attrs["preprocessing"])
+    assert prep["tile_px"] == 224 and prep["input_px"] == 64 and prep["resize"] != "none"
+    assert prep["mean"] == pytest.approx([0.485, 0.456, 0.406]) and prep["std"] == pytest.approx([0.229, 0.224, 0.225])
+    assert (attrs["target_mpp"], attrs["patch_size"], attrs["feature"]) == (0.5, 224, "cls")
+    assert attrs["code_version"].startswith("fm-suite") and attrs["patient_id"] == "P0"
+
+    # the features are the HF model's own CLS output on those tiles (read here with OpenSlide directly)
+    slide = openslide.OpenSlide(str(records[0].slide_path))
+    pick = [0, len(coords) // 2, len(coords) - 1]
+    tiles_rgb = np.stack([np.asarray(slide.read_region((int(x), int(y)), 0, (224, 224)).convert("RGB"))
+                          for x, y in coords[pick]])
+    reference = hf_reference_cls(tiny_hf, tiles_rgb)
+    assert np.abs(features[pick].astype(np.float32) - reference).max() < 2e-2
+    assert np.abs(features[0] - features[-1]).max() > 0.05  # different tissue, different features
+
+
+def test_cls_plus_mean_appends_mean_patch_token(cmu_cohort, tiny_hf, tmp_path):
+    records, tiles = cmu_cohort
+    cls = extract_cohort(records[:1], tiles, tmp_path / "cls", FeatureEncoder(str(tiny_hf), device="cpu"), workers=0)
+    both = extract_cohort(records[:1], tiles, tmp_path / "both",
+                          FeatureEncoder(str(tiny_hf), feature="cls+mean", device="cpu", input_px=0),
+                          dtype="float32", workers=0)
+    assert (cls["status"] == "ok").all() and (both["status"] == "ok").all()
+    f_cls, _, _ = read_features(tmp_path / "cls" / "cmu-0.h5")
+    f_both, _, attrs = read_features(tmp_path / "both" / "cmu-0.h5")
+    assert f_both.dtype == np.float32 and f_both.shape == (len(f_cls), 64)
+    assert attrs["feature"] == "cls+mean" and json.loads(attrs["preprocessing"])["input_px"] == 224
+    assert np.abs(f_both[:, 32:] - f_both[:, :32]).max() > 0.05  # the mean token is not the CLS again
+
+
+def test_resume_after_kill_gives_identical_files(cmu_cohort, tiny_hf, tmp_path):
+    records, tiles = cmu_cohort
+    reference_dir, out = tmp_path / "reference", tmp_path / "run"
+    extract_cohort(records, tiles, reference_dir, FeatureEncoder(str(tiny_hf), device="cpu"), batch_size=8, workers=0)
+    # a process SIGKILLed while writing its second slide (temporary file and dead locks left behind)
+    child = multiprocessing.get_context("spawn").Process(target=_extract_then_die, args=(records, tiles, out, tiny_hf))
+    child.start()
+    child.join(120)
+    assert child.exitcode == -signal.SIGKILL
+    assert [p.name for p in out.glob("*.h5")] == ["cmu-0.h5"]
+    assert list(out.glob(".tmp-cmu-1.h5.*")) and list(out.glob("*.lock"))
+    first = (out / "cmu-0.h5").read_bytes()
+
+    table = extract_cohort(records, tiles, out, FeatureEncoder(str(tiny_hf), device="cpu"), batch_size=8, workers=0)
+    assert dict(zip(table["slide_id"], table["status"])) == {"cmu-0": "skipped_done", "cmu-1": "ok", "cmu-2": "ok"}
+    assert (out / "cmu-0.h5").read_bytes() == first
+    assert not list(out.glob(".tmp-*")) and not list(out.glob("*.lock"))
+    resumed, reference = _files(out), _files(reference_dir)
+    assert sorted(resumed) == sorted(reference) == ["cmu-0", "cmu-1", "cmu-2"]
+    for sid in reference:
+        np.testing.assert_allclose(resumed[sid][0].astype(np.float32), reference[sid][0].astype(np.float32), atol=2e-3)
+        assert np.array_equal(resumed[sid][1], reference[sid][1])
+        assert resumed[sid][2] == reference[sid][2]
+
+
+def test_bad_slide_is_recorded_and_the_rest_continue(cmu_cohort, tiny_hf, tmp_path):
+    records, tiles = cmu_cohort
+    broken = tmp_path / "broken.svs"
+    broken.write_bytes(records[0].slide_path.read_bytes()[:50_000])  # the file got truncated after tiling
+    cohort = [records[0], SlideRecord("cmu-1", broken, "P1", "test"), records[2]]
+    encoder = FeatureEncoder(str(tiny_hf), device="cpu")
+    table = extract_cohort(cohort, tiles, tmp_path / "out", encoder, batch_size=16, workers=2)
+    status = dict(zip(table["slide_id"], table["status"]))
+    assert status == {"cmu-0": "ok", "cmu-1": "failed", "cmu-2": "ok"}
+    reason = table.set_index("slide_id").loc["cmu-1", "reason"]
+    assert "broken.svs" in reason
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.h5")) == ["cmu-0.h5", "cmu-2.h5"]
+    manifest = (tmp_path / "out" / MANIFEST_NAME).read_text()
+    assert "cmu-1,P1" in manifest and "failed" in manifest
+    assert not list((tmp_path / "out").glob(".tmp-*")) and not list((tmp_path / "out").glob("*.lock"))
+    with pytest.raises(RuntimeError, match="fail-fast.*cmu-1"):
+        extract_cohort(cohort, tiles, tmp_path / "out2", encoder, workers=0, fail_fast=True)
+
+
+def test_a_crashing_reader_fails_only_its_own_slide(cmu_cohort, tiny_hf, tmp_path, monkeypatch):
+    """A slide whose decoding kills the worker process (a segfault in a codec, say): the slides that
+    were in flight with it are retried one by one; only the culprit is recorded as failed."""
+    from pathology import cohort_tiles
+
+    records, tiles = cmu_cohort
+    crash = tmp_path / "crash.svs"
+    crash.symlink_to(records[0].slide_path)
+    original = cohort_tiles.read_tile_view
+
+    def read_tile_view(slide, *args):
+        if slide.path.name == "crash.svs":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(slide, *args)
+
+    monkeypatch.setattr(cohort_tiles, "read_tile_view", read_tile_view)  # inherited by the forked workers
+    cohort = [records[0], records[1], SlideRecord("cmu-2", crash, "P2", "test")]
+    table = extract_cohort(cohort, tiles, tmp_path / "out", FeatureEncoder(str(tiny_hf), device="cpu"),
+                           batch_size=16, workers=2)
+    assert dict(zip(table["slide_id"], table["status"])) == {"cmu-0": "ok", "cmu-1": "ok", "cmu-2": "failed"}
+    assert "worker died" in table.set_index("slide_id").loc["cmu-2", "reason"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.h5")) == ["cmu-0.h5", "cmu-1.h5"]
+
+
+def test_locked_conflicting_and_untiled_slides(cmu_cohort, tiny_hf, tmp_path):
+    records, tiles = cmu_cohort
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "cmu-0.h5.lock").write_text(f"{socket.gethostname()}:{os.getpid()}:0\n")  # a live process holds it
+    other = FeatureEncoder(str(tiny_hf), device="cpu", input_px=32)  # another preprocessing
+    extract_cohort(records[1:2], tiles, out, other, workers=0)
+    missing = SlideRecord("cmu-new", records[0].slide_path, "P9", "test")  # not tiled yet: tiled first
+    table = extract_cohort([*records[:2], missing], tiles, out, FeatureEncoder(str(tiny_hf), device="cpu"), workers=0,
+                           tiling=dict(tile_px=224, target_mpp=0.5, min_tissue=0.6))
+    rows = table.set_index("slide_id")
+    assert rows.loc["cmu-0", "status"] == "locked"
+    assert rows.loc["cmu-1", "status"] == "failed" and "--overwrite" in rows.loc["cmu-1", "reason"]
+    assert rows.loc["cmu-new", "status"] == "ok" and (tiles / "cmu-new" / "coords.h5").is_file()
+    again = extract_cohort(records[1:2], tiles, out, FeatureEncoder(str(tiny_hf), device="cpu"), workers=0,
+                           overwrite=True)
+    assert again["status"].tolist() == ["ok"]
+    assert '"input_px": 64' in read_features(out / "cmu-1.h5")[2]["preprocessing"]
+
+
+def test_shards_partition_the_cohort(monkeypatch):
+    records = [SlideRecord(f"S{i:02d}", Path(f"/x/S{i}.svs"), f"P{i}", "t") for i in range(11)]
+    shards = [shard_of(records, f"{i}/3") for i in range(3)]
+    ids = [r.slide_id for shard in shards for r in shard]
+    assert sorted(ids) == sorted(r.slide_id for r in records) and len(set(ids)) == len(ids)
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "1")
+    assert shard_of(records, None) == shards[1]
+    with pytest.raises(ValueError, match="INDEX/COUNT"):
+        shard_of(records, "1-3")
+
+
+def test_weights_hash_is_cached_and_follows_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("FM_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(b"a" * 1000)
+    assert weights_sha256(path) == hashlib.sha256(b"a" * 1000).hexdigest()
+    assert str(path.resolve()) in json.loads((tmp_path / "cache" / "weights-sha256.json").read_text())
+    path.write_bytes(b"b" * 1001)
+    assert weights_sha256(path) == hashlib.sha256(b"b" * 1001).hexdigest()

@@ -1,0 +1,110 @@
+"""Slide-level tasks: built-in label rules, patient-level labels, user CSV tasks and their errors."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from data_features import write_feature_files
+
+from evaluation.cv import cv_splits
+from pathology.tasks import TaskError, build_task, slide_table, slide_table_from_features
+
+
+def _tcga_slides() -> pd.DataFrame:
+    rows = [
+        ("TCGA-05-4244-01Z-00-DX1", "TCGA-LUAD"),
+        ("TCGA-05-4244-01A-01-TS1", "TCGA-LUAD"),  # frozen section: left out
+        ("TCGA-05-4245-01Z-00-DX1", "TCGA-LUAD"),
+        ("TCGA-05-4245-11A-01-BS1", "TCGA-LUAD"),  # normal tissue: left out
+        ("TCGA-18-3406-01Z-00-DX1", "TCGA-LUSC"),
+        ("TCGA-18-3406-01Z-00-DX2", "TCGA-LUSC"),
+        ("TCGA-18-3407-01Z-00-DX1", "TCGA-LUSC"),
+        ("TCGA-A1-A0SB-01Z-00-DX1", "TCGA-BRCA"),
+    ]
+    return pd.DataFrame([{"slide_id": s, "patient_id": s[:12], "project": p, "cohort": "tcga"} for s, p in rows])
+
+
+def test_nsclc_labels_are_the_project_of_diagnostic_tumour_slides():
+    task = build_task("tcga-nsclc", _tcga_slides())
+    labels = dict(zip(task.labels["slide_id"], task.labels["label"]))
+    assert labels == {
+        "TCGA-05-4244-01Z-00-DX1": "LUAD",
+        "TCGA-05-4245-01Z-00-DX1": "LUAD",
+        "TCGA-18-3406-01Z-00-DX1": "LUSC",
+        "TCGA-18-3406-01Z-00-DX2": "LUSC",
+        "TCGA-18-3407-01Z-00-DX1": "LUSC",
+    }
+    assert task.level == "patient" and task.classes == ["LUAD", "LUSC"]
+    assert any("2 frozen-section or normal-tissue" in n for n in task.notes)
+    with pytest.raises(TaskError, match="no TCGA project"):
+        build_task("tcga-nsclc", _tcga_slides().assign(project=""))
+
+
+def test_brca_needs_labels_and_maps_clinical_spellings(tmp_path):
+    with pytest.raises(TaskError, match="--labels CSV"):
+        build_task("tcga-brca", _tcga_slides())
+    slides = pd.concat([_tcga_slides(), pd.DataFrame([
+        {"slide_id": "TCGA-A1-A0SB-01Z-00-DX2", "patient_id": "TCGA-A1-A0SB", "project": "TCGA-BRCA"},
+        {"slide_id": "TCGA-A2-A0CM-01Z-00-DX1", "patient_id": "TCGA-A2-A0CM", "project": "TCGA-BRCA"},
+        {"slide_id": "TCGA-A2-A0D0-01Z-00-DX1", "patient_id": "TCGA-A2-A0D0", "project": "TCGA-BRCA"},
+    ])])
+    csv = tmp_path / "brca.csv"
+    pd.DataFrame({"patient_id": ["TCGA-A1-A0SB", "TCGA-A2-A0CM", "TCGA-A2-A0D0", "TCGA-ZZ-0000"],
+                  "label": ["Infiltrating Ductal Carcinoma", "ILC", "Mixed Histology", "IDC"]}).to_csv(csv, index=False)
+    task = build_task("tcga-brca", slides, labels_csv=csv)
+    labels = dict(zip(task.labels["slide_id"], task.labels["label"]))
+    # patient labels reach every slide of the patient; NSCLC slides and the mixed case are not in the task
+    assert labels == {"TCGA-A1-A0SB-01Z-00-DX1": "IDC", "TCGA-A1-A0SB-01Z-00-DX2": "IDC", "TCGA-A2-A0CM-01Z-00-DX1": "ILC"}
+    assert any("Mixed Histology" in n for n in task.notes) and any("TCGA-ZZ-0000" in n for n in task.notes)
+
+
+def test_demo_task_keeps_patients_within_one_fold(session_cache_dir):
+    from pathology.demo_slides import demo_cohort
+
+    task = build_task("demo", slide_table(demo_cohort(session_cache_dir)))
+    assert len(task.labels) == 12 and task.classes == ["glandular", "stroma", "tumour"]
+    assert task.labels["patient_id"].nunique() == 6
+    for split in cv_splits(task.labels, n_folds=2, seeds=2):
+        train = set(task.labels["patient_id"].iloc[split.train])
+        assert train.isdisjoint(task.labels["patient_id"].iloc[split.val])
+
+
+def test_csv_task_with_fixed_folds_and_external_test_rows(tmp_path):
+    csv = tmp_path / "task.csv"
+    pd.DataFrame({"slide_id": ["a", "b", "c", "d", "e"], "patient_id": ["p1", "p1", "p2", "p3", "p4"],
+                  "label": ["x", "x", "y", "y", "x"], "fold": [0, 0, 1, 1, None],
+                  "split": ["", "", "", "", "test"]}).to_csv(csv, index=False)
+    task = build_task(f"csv:{csv}", pd.DataFrame(columns=["slide_id", "patient_id"]))
+    assert task.labels["slide_id"].tolist() == ["a", "b", "c", "d"] and "fold" in task.labels
+    assert task.test["slide_id"].tolist() == ["e"] and task.test["label"].tolist() == ["x"]
+
+
+def test_patient_level_csv_expands_over_the_feature_files(tmp_path):
+    write_feature_files(tmp_path / "f", {"s1": 0, "s2": 0, "s3": 1, "s4": 1},
+                        patients={"s1": "p1", "s2": "p1", "s3": "p2", "s4": "p3"})
+    slides = slide_table_from_features(tmp_path / "f")
+    csv = tmp_path / "patients.csv"
+    pd.DataFrame({"patient_id": ["p1", "p2", "p3"], "label": ["pos", "neg", "neg"]}).to_csv(csv, index=False)
+    task = build_task(f"csv:{csv}", slides)
+    assert dict(zip(task.labels["slide_id"], task.labels["label"])) == {"s1": "pos", "s2": "pos", "s3": "neg", "s4": "neg"}
+    assert task.level == "patient" and task.labels.set_index("slide_id").loc["s2", "patient_id"] == "p1"
+
+
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        (pd.DataFrame({"slide_id": ["a", "b"], "label": ["x", "x"]}), "at least two classes"),
+        (pd.DataFrame({"slide_id": ["a", "b"], "target": [0, 1]}), "needs a `label` column"),
+        (pd.DataFrame({"patient_id": ["p1", "p1"], "label": ["x", "y"]}), "more than one label: p1"),
+        (pd.DataFrame({"slide_id": ["a", "b"], "label": ["x", None]}), "without a label for slide_id b"),
+        (pd.DataFrame({"patient_id": ["q1", "q2"], "label": ["x", "y"]}), "none of its 2 patients has a slide"),
+    ],
+)
+def test_bad_task_tables_get_clear_errors(tmp_path, table, message):
+    csv = tmp_path / "bad.csv"
+    table.to_csv(csv, index=False)
+    slides = pd.DataFrame({"slide_id": ["a", "b"], "patient_id": ["p1", "p1"]})
+    with pytest.raises(TaskError, match=message):
+        build_task(f"csv:{csv}", slides)
+    with pytest.raises(TaskError, match="unknown task 'nope'"):
+        build_task("nope", slides)
