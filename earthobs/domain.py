@@ -14,7 +14,7 @@ import copy
 from pathlib import Path
 
 from earthobs.models import INIT_MODES
-from fm.config import resolve_config, set_value
+from fm.config import apply_flags, resolve_config
 from fm.domains import Command, Domain
 from fm.train import add_train_args, apply_train_flags
 
@@ -52,11 +52,7 @@ def add_train_cli(p: argparse.ArgumentParser) -> None:
 def apply_train_cli(args: argparse.Namespace, cfg: dict) -> dict:
     if getattr(args, "preset", None):
         cfg = resolve_config(CONFIGS / f"{args.preset}.yaml", args.config, args.overrides)
-    cfg = apply_train_flags(args, cfg)
-    for flag, key in TRAIN_FLAGS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            set_value(cfg, key, value)
+    cfg = apply_flags(args, apply_train_flags(args, cfg), TRAIN_FLAGS)
     from earthobs.ssl_data import modality_bands
 
     cfg["model"]["backbone"]["in_chans"] = len(modality_bands(cfg["data"]["modality"]))  # shown by --print-config
@@ -170,13 +166,7 @@ def add_eval_cli(p: argparse.ArgumentParser) -> None:
 
 
 def apply_eval_cli(args: argparse.Namespace, cfg: dict) -> dict:
-    for flag, key in EVAL_FLAGS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            set_value(cfg, key, value)
-    if getattr(args, "tracking_uri", None):
-        cfg["tracking"]["tracking_uri"] = args.tracking_uri
-    return cfg
+    return apply_flags(args, cfg, EVAL_FLAGS)
 
 
 def _eval_runner(task: str):

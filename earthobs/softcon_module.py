@@ -34,6 +34,7 @@ from earthobs.models import RGB_BANDS, channel_adapted_backbone
 from earthobs.softcon_loss import SoftConLoss
 from earthobs.ssl_data import modality_bands
 from fm.backbones import ViTBackbone
+from fm.heads import projection_mlp
 from fm.ssl_module import DINOv2Module
 
 log = logging.getLogger(__name__)
@@ -51,19 +52,7 @@ class ProjectorHead(nn.Module):
     def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 256, nlayers: int = 3,
                  batch_norm: bool = True):
         super().__init__()
-        dims = [in_dim] + [hidden_dim] * (max(nlayers, 1) - 1) + [out_dim]
-        layers: list[nn.Module] = []
-        for i in range(len(dims) - 1):
-            layers.append(nn.Linear(dims[i], dims[i + 1]))
-            if i < len(dims) - 2:
-                if batch_norm:
-                    layers.append(nn.BatchNorm1d(dims[i + 1], track_running_stats=False))
-                layers.append(nn.GELU())
-        self.mlp = nn.Sequential(*layers)
-        for m in self.mlp:
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        self.mlp = projection_mlp(in_dim, hidden_dim, out_dim, nlayers, batch_norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(x)

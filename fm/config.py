@@ -141,5 +141,17 @@ def set_value(cfg: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def apply_flags(args: Any, cfg: dict, mapping: dict[str, str]) -> dict:
+    """Copy the command-line flags that were given (not None) onto their config keys (flag -> dotted key),
+    and `--tracking-uri` onto `tracking.tracking_uri`: flags win over the config file and `--set`."""
+    for flag, key in mapping.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            set_value(cfg, key, value)
+    if getattr(args, "tracking_uri", None) and "tracking" in cfg:
+        cfg["tracking"]["tracking_uri"] = args.tracking_uri
+    return cfg
+
+
 def dump(cfg: dict) -> str:
     return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)

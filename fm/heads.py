@@ -25,6 +25,24 @@ class WeightNormLinear(nn.Module):
         return F.linear(x, weight.to(x.dtype))
 
 
+def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int, nlayers: int, batch_norm: bool = False) -> nn.Sequential:
+    """`nlayers` Linear layers with GELU (optionally batch norm before it) between them, trunc-normal
+    init: the MLP of the DINO head (Meta's `mlp.0/2/4` names) and of contrastive projectors."""
+    dims = [in_dim] + [hidden_dim] * (max(nlayers, 1) - 1) + [out_dim]
+    layers: list[nn.Module] = []
+    for i in range(len(dims) - 1):
+        layers.append(nn.Linear(dims[i], dims[i + 1]))
+        if i < len(dims) - 2:
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(dims[i + 1], track_running_stats=False))
+            layers.append(nn.GELU())
+    for m in layers:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+    return nn.Sequential(*layers)
+
+
 class DINOHead(nn.Module):
     """MLP (hidden 2048, GELU) -> bottleneck -> L2 norm -> prototypes, as in DINOv2's dino_head.py."""
 
@@ -37,17 +55,7 @@ class DINOHead(nn.Module):
         nlayers: int = 3,
     ):
         super().__init__()
-        dims = [in_dim] + [hidden_dim] * (max(nlayers, 1) - 1) + [bottleneck_dim]
-        layers: list[nn.Module] = []
-        for i in range(len(dims) - 1):
-            layers.append(nn.Linear(dims[i], dims[i + 1]))
-            if i < len(dims) - 2:
-                layers.append(nn.GELU())
-        self.mlp = nn.Sequential(*layers)
-        for m in self.mlp:
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        self.mlp = projection_mlp(in_dim, hidden_dim, bottleneck_dim, nlayers)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
 from fm.augment import MultiCropTransform
-from fm.config import dump, set_value
+from fm.config import apply_flags, dump
 from fm.ssl_data import ImageSource, SSLDataModule
 from fm.ssl_module import DINOv2Module
 
@@ -54,13 +55,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def apply_train_flags(args: argparse.Namespace, cfg: dict) -> dict:
-    for flag, key in TRAIN_FLAGS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            set_value(cfg, key, value)
-    if getattr(args, "tracking_uri", None):
-        cfg["tracking"]["tracking_uri"] = args.tracking_uri
-    return cfg
+    return apply_flags(args, cfg, TRAIN_FLAGS)
 
 
 @dataclass
@@ -95,7 +90,7 @@ def build_module(cfg: dict) -> DINOv2Module:
 
         loaded = load_encoder(init, weights=cfg["model"]["init_weights"], with_heads=True)
         module.init_from(loaded.backbone.state_dict(), loaded.heads)
-    if cfg["model"]["compile"]:
+    if cfg["model"]["compile"] and torch.cuda.is_available() and cfg["train"]["accelerator"] != "cpu":
         for branch in (module.student, module.teacher):
             branch["backbone"].compile()
     return module

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from fm.config import apply_flags as apply_flag_map
 from fm.config import set_value
 from fm.domains import Command, Domain
 from fm.train import add_train_args, apply_train_flags, multicrop_from_config, run_pretraining
@@ -120,13 +121,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 def apply_flags(args: argparse.Namespace, cfg: dict) -> dict:
     cfg = apply_train_flags(args, cfg)
-    for flag, key in (("cohorts", "pathology.cohorts"), ("data_root", "pathology.data_root"),
-                      ("projects", "pathology.projects"), ("mpp", "pathology.mpp"),
-                      ("tiles_dir", "pathology.tiles_dir")):
-        value = getattr(args, flag, None)
-        if value is not None:
-            set_value(cfg, key, value.split(",") if flag in ("cohorts", "projects") else value)
-    return cfg
+    for flag in ("cohorts", "projects"):  # comma-separated on the command line, lists in the config
+        if getattr(args, flag, None) is not None:
+            set_value(cfg, f"pathology.{flag}", getattr(args, flag).split(","))
+    return apply_flag_map(args, cfg, {"data_root": "pathology.data_root", "mpp": "pathology.mpp",
+                                      "tiles_dir": "pathology.tiles_dir"})
 
 
 def train(args: argparse.Namespace) -> dict:

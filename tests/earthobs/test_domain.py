@@ -85,7 +85,8 @@ def test_train_then_evaluate_on_generated_scenes(tmp_path, capsys, session_cache
     assert train_main(["earthobs", "--preset", "demo_cpu", "--data", "demo", "--max-steps", "4",
                        "--output-dir", str(out), *sets(*TINY_MODEL)]) == 0
     text = capsys.readouterr().out
-    assert "linear-probe micro mAP on held-out demo scenes: at initialisation" in text
+    assert "linear micro mAP on held-out demo scenes: at initialisation" in text
+    assert "knn micro mAP on held-out demo scenes: at initialisation" in text
     export = out / "export" / "teacher.safetensors"
     assert export.is_file() and (out / "checkpoints" / "last.ckpt").is_file()
     runs = mlflow.search_runs(experiment_names=["fm-earthobs"], output_format="list")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from data_scenes import TextureScenes
 from data_ssl4eo import make_ssl4eo, write_labels
-from lightning.pytorch.callbacks import Callback
+from training_callbacks import CrashAt, RecordLosses
 
 from earthobs.domain import CONFIGS
 from earthobs.evaluate import demo_probe
@@ -181,23 +181,6 @@ def test_ssl4eo_batches_carry_labels_and_unlabelled_rows(tmp_path):
     cfg["data"]["source"] = "demo"
     with pytest.raises(ValueError, match="--labels is for SSL4EO-S12"):
         training_source(cfg)
-
-
-class RecordLosses(Callback):
-    def __init__(self):
-        self.losses: dict[int, torch.Tensor] = {}
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self.losses[trainer.global_step - 1] = outputs["loss"].detach().clone()
-
-
-class CrashAt(Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise RuntimeError("simulated crash")
 
 
 def test_resume_after_crash_gives_identical_losses(tmp_path):

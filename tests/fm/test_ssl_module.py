@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlflow
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+from training_callbacks import CrashAt, RecordLosses
 
 from evaluation.core_domain import demo_source, texture_knn_accuracy
 from fm.config import resolve_config
@@ -21,23 +21,6 @@ TINY = [
 
 def tiny_cfg(tmp_path, *extra: str) -> dict:
     return resolve_config(CONFIGS_DIR / "core" / "demo_cpu.yaml", overrides=[*TINY, f"train.output_dir={tmp_path}/run", *extra])
-
-
-class RecordLosses(Callback):
-    def __init__(self):
-        self.losses: dict[int, torch.Tensor] = {}
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self.losses[trainer.global_step - 1] = outputs["loss"].detach().clone()
-
-
-class CrashAt(Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise RuntimeError("simulated crash")
 
 
 def test_resume_after_crash_gives_identical_losses(tmp_path):
