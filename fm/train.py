@@ -109,7 +109,7 @@ def run_pretraining(
     cfg: dict,
     source: ImageSource,
     transform: MultiCropTransform | None = None,
-    artifacts: list[Path] = (),
+    artifacts: list[Path | tuple[Path, str]] = (),
     callbacks: list = (),
     progress: bool = True,
 ) -> PretrainResult:
@@ -135,7 +135,7 @@ def fit_pretraining(
     module: DINOv2Module,
     datamodule: L.LightningDataModule,
     export: Callable[[Path, DINOv2Module, int], None],
-    artifacts: list[Path] = (),
+    artifacts: list[Path | tuple[Path, str]] = (),
     callbacks: list = (),
     progress: bool = True,
     tags: dict | None = None,
@@ -155,8 +155,9 @@ def fit_pretraining(
     tags = {"resumed_from": str(resume_from) if resume_from else "", **(tags or {})}
     with tracked_run(tr["experiment"], run_name=tr["run_name"], config=cfg, tracking_uri=tr["tracking_uri"],
                      tags=tags) as run:
-        for path in artifacts:
-            run.log_artifact(path)
+        for item in artifacts:  # a path, or (path, folder in the run's artifacts)
+            path, folder = item if isinstance(item, tuple) else (item, None)
+            run.log_artifact(path, folder)
         checkpoint = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=t["checkpoint_every"], save_last=True,
                                      save_top_k=-1, filename="step{step:07d}", auto_insert_metric_name=False)
         cbs = [checkpoint, *callbacks]

@@ -144,7 +144,8 @@ def train(args: argparse.Namespace) -> dict:
     photometric = HEPhotometric(strength=p["he_strength"], flips=False, rotate90=False)
     rotate = (lambda x: torch.rot90(x, int(torch.randint(4, ())), dims=(-2, -1))) if p["rotate90"] else None
     transform = multicrop_from_config(cfg, photometric=(photometric, photometric, photometric), extra_geometric=rotate)
-    artifacts = [tiles_dir / "manifest.csv"]
+    thumbnails = [(c.parent / "thumbnail.png", f"qc/{c.parent.name}") for c in coords]
+    artifacts = [tiles_dir / "manifest.csv", *[t for t in thumbnails if t[0].is_file()]]
     print(f"pretraining on {len(source)} tiles from {len(coords)} slide(s) ({n_failed} failed, see manifest)")
     result = run_pretraining(cfg, source, transform, artifacts=artifacts)
     return {"export": str(result.export), "run_id": result.run_id, "tiles_dir": str(tiles_dir), "n_tiles": len(source)}

@@ -71,3 +71,18 @@ def test_teacher_is_ema_of_student(tmp_path):
     m = module.schedules.at(0)["momentum"]
     for t_old, s, t_new in zip(before, student, module.teacher.parameters()):
         torch.testing.assert_close(t_new, m * t_old + (1 - m) * s)
+
+
+def test_continual_pretraining_starts_from_exported_backbone_and_heads(tmp_path):
+    """`--from <our export>`: student and teacher start from the exported teacher, heads included."""
+    first = run_pretraining(tiny_cfg(tmp_path / "a", "train.max_steps=2"), demo_source(tiny_cfg(tmp_path)),
+                            progress=False)
+    cfg = tiny_cfg(tmp_path / "b", f"model.init={first.export}")
+    module = build_module(cfg)
+    source = first.module.teacher
+    for branch in (module.student, module.teacher):
+        for name in ("backbone", "dino_head"):
+            for (key, want), got in zip(source[name].state_dict().items(), branch[name].state_dict().values()):
+                assert torch.equal(want, got), f"{name}.{key} not initialised from the export"
+    fresh = build_module(tiny_cfg(tmp_path / "c"))
+    assert not torch.equal(fresh.student["backbone"].vit.pos_embed, module.student["backbone"].vit.pos_embed)

@@ -3,10 +3,12 @@ patients beats the same network at initialisation."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import lightning as L
 import torch
+from mlflow import MlflowClient
 
 from evaluation.knn import knn_classify
 from fm.cli import invoke
@@ -51,6 +53,9 @@ def test_demo_pretraining_learns_tissue_classes(tmp_path):
     result = invoke("train", ["pathology", "--config", str(DEMO_CONFIG), "--cohorts", "demo", "--tiles-dir", str(tiles),
                               "--output-dir", str(tmp_path / "run"), "--max-steps", "100"])
     assert result["n_tiles"] > 500
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])  # the run carries the manifest and QC thumbnails
+    assert {"manifest.csv", "qc", "config.yaml", "model"} <= {a.path for a in client.list_artifacts(result["run_id"])}
+    assert len(client.list_artifacts(result["run_id"], "qc")) == len(demo_cohort())
     trained = load_encoder(result["export"]).backbone
     acc_init = tile_knn_accuracy(initial, cfg, tiles)
     acc_trained = tile_knn_accuracy(trained, cfg, tiles)
