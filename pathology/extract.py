@@ -298,8 +298,10 @@ def extract_cohort(records: list[SlideRecord], tiles_dir: str | os.PathLike, out
                 embed_stream(dataset, encoder, batch_size, workers, collate_tiles,
                              on_rows=lambda i, row, feats, todo=todo: consume(todo[i], row, feats),
                              on_error=lambda i, reason, todo=todo: fail(todo[i], reason))
-            except RuntimeError as err:
-                if "DataLoader worker" not in str(err):
+            except (RuntimeError, ConnectionError, EOFError) as err:
+                # a killed worker shows up as torch's "DataLoader worker ... killed" error, or, when it
+                # died while handing over a tensor, as a broken connection in the unpickling
+                if isinstance(err, RuntimeError) and "DataLoader worker" not in str(err):
                     raise
                 if alone:
                     fail(todo[0], f"the tile-reading worker died while reading this slide ({err})")
