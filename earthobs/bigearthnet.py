@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,7 +36,7 @@ import torch
 from torch.utils.data import Dataset
 
 from earthobs.bands import BIGEARTHNET_S2_BANDS, S1_BANDS, canonical_bands
-from earthobs.readers import EOReadError, read_s1_patch, read_s2_patch
+from earthobs.readers import EOReadError, read_json, read_s1_patch, read_s2_patch
 from fm.io import atomic_write_text
 
 BEN19_CLASSES: tuple[str, ...] = (
@@ -141,12 +140,7 @@ def v2_labels_to_19(names: Sequence[str], source: str | os.PathLike = "<labels>"
 def read_labels_json(path: str | os.PathLike) -> dict:
     """A v1 `<patch>_labels_metadata.json`; errors name the file."""
     path = Path(path)
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise EOReadError(path, "labels file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EOReadError(path, f"not valid JSON: {e}") from e
+    meta = read_json(path)
     if not isinstance(meta, dict) or not isinstance(meta.get("labels"), list):
         raise EOReadError(path, "has no 'labels' list")
     return meta

@@ -21,6 +21,7 @@ and records the count in `filled_counts[path]` when a dict is passed.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -300,3 +301,14 @@ def read_multiband(path: str | os.PathLike, file_bands: Sequence[str], bands: Se
     if size is None or size == arr.shape[1:]:
         return np.ascontiguousarray(arr)
     return _resample(list(arr), size, resampling)
+
+
+def read_json(path: str | os.PathLike) -> object:
+    """A JSON file; a missing or malformed file is an EOReadError that names it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EOReadError(path, "labels file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EOReadError(path, f"not valid JSON: {e}") from e

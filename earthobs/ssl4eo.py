@@ -30,7 +30,6 @@ only labelled samples.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,7 +39,7 @@ import torch
 from torch.utils.data import Dataset
 
 from earthobs.bands import S1_BANDS, S2_L1C_BANDS, S2_L2A_BANDS, canonical_bands
-from earthobs.readers import S1_DTYPES, S2_DTYPES, EOReadError, read_s1_patch, read_s2_patch
+from earthobs.readers import S1_DTYPES, S2_DTYPES, EOReadError, read_json, read_s1_patch, read_s2_patch
 
 # Dynamic World v1 land-cover classes, in the product's label order.
 DYNAMIC_WORLD_CLASSES: tuple[str, ...] = (
@@ -52,12 +51,7 @@ MODALITY_BANDS: dict[str, tuple[str, ...]] = {"s1": S1_BANDS, "s2c": S2_L1C_BAND
 def load_dynamic_world_labels(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Parse a labels file (schema in the module docstring) into key -> float32 multi-hot (9,)."""
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise EOReadError(path, "labels file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EOReadError(path, f"not valid JSON: {e}") from e
+    doc = read_json(path)
     if not isinstance(doc, dict) or not isinstance(doc.get("labels"), dict):
         raise EOReadError(path, "expected an object with a 'labels' mapping")
     classes = tuple(doc.get("classes", DYNAMIC_WORLD_CLASSES))

@@ -21,14 +21,6 @@ TINY_MODEL = ["model.backbone.embed_dim=48", "model.backbone.depth=2", "model.ba
               "data.batch_size=16", "train.epoch_length=10", "train.log_every=1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def sets(*overrides: str) -> list[str]:
     return [arg for o in overrides for arg in ("--set", o)]
 

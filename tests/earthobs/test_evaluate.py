@@ -31,14 +31,6 @@ from fm.weights import IMAGENET_MEAN, save_fm_checkpoint
 TINY = dict(arch="vitt", patch_size=8, img_size=32, embed_dim=32, depth=2, num_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def eval_cfg(tmp_path, **changes) -> dict:
     cfg = load_yaml(CONFIGS / "eval_bigearthnet.yaml")
     cfg.update(output_dir=str(tmp_path / "eval"), num_workers=0, device="cpu", **changes)

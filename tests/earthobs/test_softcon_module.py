@@ -26,15 +26,6 @@ TINY = ["model.backbone.embed_dim=48", "model.backbone.depth=2", "model.backbone
         "data.batch_size=16", "train.epoch_length=20", "train.checkpoint_every=1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared, busy cores: intra-op threads only fight each other (10x slower), so use one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_cfg(tmp_path, *extra: str) -> dict:
     return resolve_config(CONFIGS / "demo_cpu.yaml", overrides=[*TINY, f"train.output_dir={tmp_path}/run", *extra])
 
