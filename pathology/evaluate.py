@@ -258,5 +258,5 @@ EVAL_TASKS = {
     "tcga-nsclc": _command("tcga-nsclc", "LUAD vs LUSC (label = TCGA project), diagnostic tumour slides"),
     "tcga-brca": _command("tcga-brca", "IDC vs ILC; needs --labels CSV (slide or patient ids)"),
     "demo": _command("demo", "the demo cohort's stroma / tumour / glandular label"),
-    "csv": _command("csv", "a user task: `fm-eval pathology csv TABLE.csv` (the csv:PATH task)"),
+    "csv": _command("csv", "a user task: `fm-eval pathology csv:TABLE.csv` (or `csv TABLE.csv`)"),
 }
