@@ -4,6 +4,8 @@ pass alone on random tiles, both measured in the same run with the same encoder 
     python bench/extract.py                                   # CPU: tiny ViT (vitt/16) on the fixture slide
     python bench/extract.py --device cuda --arch vitl14 --bf16 --compile --workers 14
     python bench/extract.py --device cuda --arch vitl16 --bf16 --compile --workers 14 --copies 400
+    python bench/extract.py --simulate-forward 600 --workers 1  # CPU: can decoding + writing feed a device this fast?
+    python bench/extract.py --big-slide 60000 --copies 2         # memory with big slides (vs the default small ones)
 
 The cohort is the real fixture slide (`--slide`, else ../shared/fixtures, ./shared/fixtures or
 $FM_SHARED_FIXTURES), tiled once and listed `--copies` times under different slide ids, so the
@@ -13,9 +15,17 @@ Needs only torch, timm, h5py, pandas, scipy, pillow, pyyaml, safetensors and Ope
 (`openslide-python` + `openslide-bin` wheels are enough; no system library); runs from a plain
 checkout (the repo root is put on sys.path).
 
+`--simulate-forward RATE` replaces the forward pass by a stand-in device of that speed (calls return
+at once, the loop then blocks until the previous batch is done, as with CUDA), so a machine without a
+GPU can check that decoding and writing keep up with a given GPU rate. `--big-slide SIDE` uses a
+generated SIDE x SIDE px slide (0.25 um/px, thousands of tiles) instead of the small fixture slide, to
+show that memory does not grow with slide size.
+
 Prints one `BENCH extract` line: end-to-end tiles/s, forward-only tiles/s, their ratio (target >= 0.9
-on GPU when the workers decode fast enough), peak RSS of the main process, its growth during
-extraction (must not grow with slide size or cohort size) and the workers' peak RSS.
+on GPU when the workers decode fast enough), the start-up and the steady rate after it, where the main
+loop's time went (waiting for tiles / encoder / writing), peak RSS of the main process, its growth
+during extraction (bounded by workers x prefetch x batch; must not grow with slide or cohort size)
+and the workers' peak RSS.
 """
 
 from __future__ import annotations
@@ -79,8 +89,13 @@ def build_cohort(args, work: Path):
     from pathology.cohorts import SlideRecord
     from pathology.tiling import tile_cohort
 
-    slide = _fixture(args.slide)
-    if slide is not None:
+    slide = _fixture(args.slide) if not args.big_slide else None
+    if args.big_slide:
+        from pathology_read import write_big_slide  # bench/ is on sys.path when run as a script
+
+        path = write_big_slide(work / f"big-{args.big_slide}.tif", side=args.big_slide)
+        base = [SlideRecord("big", path, "P0", "bench")]
+    elif slide is not None:
         base = [SlideRecord("base", slide, "P0", "bench")]
     else:
         try:
@@ -124,6 +139,27 @@ def build_encoder(args):
     return FeatureEncoder(spec.name, args.feature, None, args.device, precision, None, args.compile, loaded=loaded)
 
 
+class SimulatedDevice:
+    """Stands in for a device encoder of `rate` tiles/s: a call returns at once (like kernel launches),
+    then blocks until the PREVIOUS batch is done, which is when embed_stream's CUDA loop would return
+    from its event sync; so the loop sees the timing of a real device, without one."""
+
+    def __init__(self, encoder, rate: float):
+        self.encoder, self.rate = encoder, rate
+        self.free_at = self.previous_done = 0.0
+
+    def __getattr__(self, name):
+        return getattr(self.encoder, name)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        now = time.perf_counter()
+        self.free_at = max(now, self.free_at) + len(images) / self.rate
+        if self.previous_done > now:
+            time.sleep(self.previous_done - now)
+        self.previous_done = self.free_at
+        return torch.zeros(len(images), self.encoder.dim)
+
+
 def forward_only(encoder, batch_size: int, tile_px: int, batches: int, warmup: int) -> float:
     """Tiles/s of the encoder (H2D copy of uint8 tiles, resize/normalise, forward) on random tiles."""
     cuda = encoder.device.type == "cuda"
@@ -164,6 +200,9 @@ def main(argv=None) -> dict:
     p.add_argument("--min-tissue", type=float, default=0.6)
     p.add_argument("--forward-batches", type=int, help="timed forward-only batches (default 30 GPU, 5 CPU)")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--simulate-forward", type=float, metavar="RATE",
+                   help="a stand-in device of RATE tiles/s instead of the forward pass (checks the input side)")
+    p.add_argument("--big-slide", type=int, metavar="SIDE", help="use a generated SIDE x SIDE px slide")
     p.add_argument("--keep", help="keep tiles and features in this folder (default: a temporary folder)")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -179,6 +218,8 @@ def main(argv=None) -> dict:
     try:
         records, tiles = build_cohort(args, work)
         encoder = build_encoder(args)
+        if args.simulate_forward:
+            encoder = SimulatedDevice(encoder, args.simulate_forward)
         began = time.perf_counter()
         forward = forward_only(encoder, batch_size, args.tile_px, args.forward_batches or (30 if cuda else 5),
                                warmup=3 if args.compile or cuda else 1)
@@ -199,15 +240,22 @@ def main(argv=None) -> dict:
     if len(ok) != len(records):
         print(table[table["status"] != "ok"].to_string())
     n_tiles = int(ok["n_tiles"].sum())
+    stream = table.attrs["stream"]
     e2e = n_tiles / seconds
     workers_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     result = dict(e2e=e2e, forward=forward, ratio=e2e / forward, tiles=n_tiles, slides=len(ok), seconds=seconds,
+                  steady=stream.steady_tiles_per_s, startup_s=stream.startup_s,
                   rss_main=sampler.peak, rss_growth=sampler.peak - rss_before, rss_workers=workers_peak)
     name = args.encoder or f"{args.arch} (random)"
+    if args.simulate_forward:
+        name = f"simulated device at {args.simulate_forward:g} tiles/s"
     print(f"BENCH extract: {name} device={args.device} precision={'bf16' if encoder.amp else 'fp32'} "
           f"compile={args.compile} batch={batch_size} workers={args.workers} | {len(ok)} slides, {n_tiles} tiles "
           f"({int(ok['n_tiles'].max())} per slide) in {seconds:.1f} s | end-to-end {e2e:.1f} tiles/s | forward only "
-          f"{forward:.1f} tiles/s | ratio {e2e / forward:.2f} | peak RSS main {sampler.peak:.0f} MiB "
+          f"{forward:.1f} tiles/s | ratio {e2e / forward:.2f} | steady {stream.steady_tiles_per_s:.1f} tiles/s "
+          f"(ratio {stream.steady_tiles_per_s / forward:.2f}) after {stream.startup_s:.1f} s start-up | main loop: "
+          f"waiting for tiles {stream.share(stream.wait_input_s):.0%}, encoder {stream.share(stream.encoder_s + stream.device_s):.0%}, "
+          f"writing {stream.share(stream.write_s):.0%} | peak RSS main {sampler.peak:.0f} MiB "
           f"(+{result['rss_growth']:.0f} MiB during extraction), workers {workers_peak:.0f} MiB | warm-up {warm_s:.1f} s")
     return result
 

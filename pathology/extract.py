@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from fm.domains import Command
 from fm.io import ItemLock, remove_stale_temporaries
 from fm.registry import load_encoder
-from pathology.cohort_tiles import PREFETCH, CohortTiles, collate_tiles, embed_stream
+from pathology.cohort_tiles import PREFETCH, CohortTiles, StreamStats, collate_tiles, embed_stream
 from pathology.cohorts import SlideRecord
 from pathology.feature_files import FeatureFileWriter, code_version, feature_file_state, weights_sha256
 from pathology.tile_dataset import SlideTiles
@@ -244,7 +244,8 @@ def _slide_attrs(job: SlideJob, common: dict, dtype: str) -> dict:
 def extract_cohort(records: list[SlideRecord], tiles_dir: str | os.PathLike, output_dir: str | os.PathLike,
                    encoder: FeatureEncoder, batch_size: int = 64, workers: int = 4, dtype: str = "float16",
                    overwrite: bool = False, fail_fast: bool = False, tiling: dict | None = None) -> pd.DataFrame:
-    """Extract every slide of `records`; returns this run's manifest rows (also merged into the manifest)."""
+    """Extract every slide of `records`; returns this run's manifest rows (also merged into the manifest),
+    with where the time went (`StreamStats`) in `table.attrs["stream"]`."""
     if dtype not in ("float16", "float32"):
         raise ValueError(f"--dtype {dtype!r}: use float16 or float32")
     tiles_dir, output_dir = Path(tiles_dir), Path(output_dir)
@@ -252,6 +253,7 @@ def extract_cohort(records: list[SlideRecord], tiles_dir: str | os.PathLike, out
     jobs, rows, common = plan_extraction(records, tiles_dir, output_dir, encoder, overwrite, tiling)
     writers: dict[int, FeatureFileWriter] = {}
     finished: set[int] = set()
+    stats = StreamStats()
 
     def fail(pos: int, reason: str) -> None:
         if pos in finished:
@@ -297,7 +299,7 @@ def extract_cohort(records: list[SlideRecord], tiles_dir: str | os.PathLike, out
             try:
                 embed_stream(dataset, encoder, batch_size, workers, collate_tiles,
                              on_rows=lambda i, row, feats, todo=todo: consume(todo[i], row, feats),
-                             on_error=lambda i, reason, todo=todo: fail(todo[i], reason))
+                             on_error=lambda i, reason, todo=todo: fail(todo[i], reason), stats=stats)
             except (RuntimeError, ConnectionError, EOFError) as err:
                 # a killed worker shows up as torch's "DataLoader worker ... killed" error, or, when it
                 # died while handing over a tensor, as a broken connection in the unpickling
@@ -321,7 +323,11 @@ def extract_cohort(records: list[SlideRecord], tiles_dir: str | os.PathLike, out
         if rows:
             _write_manifest(output_dir / MANIFEST_NAME, rows)
     columns = ["slide_id", "patient_id", "slide_path", "status", "reason", "n_tiles", "seconds", "mpp"]
-    return pd.DataFrame(rows, columns=columns)
+    table = pd.DataFrame(rows, columns=columns)
+    table.attrs["stream"] = stats
+    if stats.batches:
+        print(f"  embedding: {stats.summary()}\n  {stats.limit(workers)}")
+    return table
 
 
 # -- CLI ------------------------------------------------------------------------------------------------
