@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from fm.worker_deaths import WorkerDeathGuard
 from pathology.slides import read_tile_view
 from pathology.tile_dataset import SlideTiles, _SlideCache, _to_tensor
 
@@ -179,36 +180,37 @@ def embed_stream(
                         prefetch_factor=PREFETCH if workers else None)
     pending, waited = None, time.perf_counter()
     try:
-        for images, slides, rows, errors in loader:
-            now = time.perf_counter()
-            if pending is None:
-                stats.startup_s += now - waited
-            else:
-                stats.wait_input_s += now - waited
-            for pos, reason in errors:
-                on_error(pos, reason)
-            n = len(images)
-            if pad_to and n < pad_to:
-                images = torch.cat([images, images.new_zeros((pad_to - n, *images.shape[1:]))])
-            if cuda:
-                images = images.pin_memory()  # so the encoder's host -> device copy is asynchronous
-            features = encoder(images)[:n]
-            if cuda:
-                host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
-                host.copy_(features, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
-            else:
-                host, event = features, None
-            stats.encoder_s += time.perf_counter() - now
+        with WorkerDeathGuard(iter(loader)) as batches:  # a dead worker raises from the wait, nowhere else
+            for images, slides, rows, errors in batches:
+                now = time.perf_counter()
+                if pending is None:
+                    stats.startup_s += now - waited
+                else:
+                    stats.wait_input_s += now - waited
+                for pos, reason in errors:
+                    on_error(pos, reason)
+                n = len(images)
+                if pad_to and n < pad_to:
+                    images = torch.cat([images, images.new_zeros((pad_to - n, *images.shape[1:]))])
+                if cuda:
+                    images = images.pin_memory()  # so the encoder's host -> device copy is asynchronous
+                features = encoder(images)[:n]
+                if cuda:
+                    host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
+                    host.copy_(features, non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record()
+                else:
+                    host, event = features, None
+                stats.encoder_s += time.perf_counter() - now
+                if pending is not None:
+                    _deliver(pending, on_rows, stats)
+                pending = (slides, rows, host, event)  # not None from here on: start-up is over
+                stats.tiles += n
+                stats.batches += 1
+                waited = time.perf_counter()
             if pending is not None:
                 _deliver(pending, on_rows, stats)
-            pending = (slides, rows, host, event)  # not None from here on: start-up is over
-            stats.tiles += n
-            stats.batches += 1
-            waited = time.perf_counter()
-        if pending is not None:
-            _deliver(pending, on_rows, stats)
     finally:
         stats.seconds += time.perf_counter() - began
     return stats
