@@ -216,7 +216,13 @@ def read_tile_view(slide: Slide, x0: int, y0: int, size_px: int, target_mpp: flo
     side = max(1, round(size_px * target_mpp / slide.level_mpp(level)))
     if side == size_px:
         return slide.read_array(x0, y0, level, side, side)
-    return np.asarray(slide.read_rgb(x0, y0, level, side, side).resize((size_px, size_px), RESAMPLE))
+    region = slide.read_rgb(x0, y0, level, side, side)
+    factor = side // size_px
+    if side == factor * size_px:
+        # an exact integer reduction (a 40x scan read at 20x): box averaging, as pyramid levels are
+        # made, and ~4x faster than the general resize (~20 % of a 40x tile's read time)
+        return np.asarray(region.reduce(factor))
+    return np.asarray(region.resize((size_px, size_px), RESAMPLE))
 
 
 def read_tile(slide: Slide, x0: int, y0: int, size_px: int, target_mpp: float) -> np.ndarray:
