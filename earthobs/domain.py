@@ -13,10 +13,10 @@ import argparse
 import copy
 from pathlib import Path
 
-from earthobs.models import INIT_MODES
+from earthobs.choices import DATASETS, DTYPES, INIT_MODES, PROTOCOLS
 from fm.config import apply_flags, resolve_config
 from fm.domains import Command, Domain
-from fm.train import add_train_args, apply_train_flags
+from fm.train_args import add_train_args, apply_train_flags
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 PRESETS = ("softcon_vitb14_s2", "demo_cpu")
@@ -108,8 +108,6 @@ train.apply_flags = apply_train_cli  # lets --print-config show presets and flag
 
 
 def add_prepare_cli(p: argparse.ArgumentParser) -> None:
-    from earthobs.packed import DATASETS, DTYPES
-
     p.add_argument("dataset", choices=DATASETS, help="data set to pack")
     p.add_argument("--root", help="the data set's folder (demo: cache dir of the generated scenes)")
     p.add_argument("--output-dir", "--out", dest="out", required=True,
@@ -144,8 +142,6 @@ def prepare_cmd(args: argparse.Namespace) -> Path:
 
 
 def add_eval_cli(p: argparse.ArgumentParser) -> None:
-    from earthobs.evaluate import PROTOCOLS
-
     g = p.add_argument_group("evaluation (each flag overrides the config key in brackets)")
     g.add_argument("--encoder", help="[encoder] registered encoder name or checkpoint path")
     g.add_argument("--weights", help="[weights] weights file for a registered encoder")

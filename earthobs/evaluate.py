@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from earthobs.bands import S1_BANDS, canonical_bands
+from earthobs.choices import PROTOCOLS
 from earthobs.ms_augment import resize
 from earthobs.normalize import DATASET_STATS, S1_CLIP_QUANTILES, encoder_norm, stats_spec
 from earthobs.readers import EOReadError
@@ -34,7 +35,6 @@ from evaluation import metrics as M
 from fm.backbones import ViTBackbone
 
 log = logging.getLogger(__name__)
-PROTOCOLS = ("linear", "knn", "last4")
 
 
 @dataclass

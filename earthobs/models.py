@@ -18,13 +18,13 @@ import torch
 from timm.layers import resample_patch_embed
 
 from earthobs.bands import canonical_bands
+from earthobs.choices import INIT_MODES
 from fm.backbones import BackboneConfig, ViTBackbone, build_backbone
 from fm.weights import WeightsError, load_backbone_weights, load_checkpoint
 
 log = logging.getLogger(__name__)
 
 RGB_BANDS: tuple[str, ...] = ("B04", "B03", "B02")  # red, green, blue as Sentinel-2 bands
-INIT_MODES = ("random", "rgb_map", "repeat", "band_select")
 
 PATCH_KEY = "vit.patch_embed.proj.weight"
 POS_KEY = "vit.pos_embed"

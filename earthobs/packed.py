@@ -34,11 +34,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from earthobs.choices import DATASETS, DTYPES
 from earthobs.readers import EOReadError
 from fm.io import ItemLock, atomic_write_text
 
 FORMAT = "fm-packed-v1"
-DTYPES = ("float16", "float32", "uint16")
 _F16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -284,9 +284,6 @@ class PackedDataset(Dataset):
 
 
 # ---- entry point for `fm-prepare earthobs <dataset>` --------------------------------------------------
-DATASETS = ("bigearthnet", "bigearthnet-v1", "bigearthnet-v2", "eurosat", "ssl4eo-s12", "demo")
-
-
 def build_dataset(dataset_name: str, root: str | os.PathLike | None, split: str | None = "train",
                   sensor: str = "s2", **kwargs) -> Dataset:
     """Our data set class for `dataset_name` (one of DATASETS). `sensor`: s2 / s1 / s1s2 for

@@ -2,35 +2,44 @@
 
 `fm-train core` pretrains, then reports kNN accuracy of the frozen teacher CLS features on the hidden
 texture classes, next to the same network at initialisation. It lives in `evaluation` (not `fm`)
-because it evaluates, and evaluation may import fm but not the other way round.
+because it evaluates, and evaluation may import fm but not the other way round. Torch is imported
+inside the functions: every fm-* command loads this module to build its parsers.
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-import torch
-
-from fm.backbones import ViTBackbone
-from fm.demo_images import DemoTextures
 from fm.domains import Command, Domain
-from fm.train import CONFIGS_DIR, add_train_args, apply_train_flags, build_module, run_pretraining
+from fm.train_args import CONFIGS_DIR, add_train_args, apply_train_flags
+
+if TYPE_CHECKING:
+    import torch
+
+    from fm.backbones import ViTBackbone
+    from fm.demo_images import DemoTextures
 
 CONFIGS = CONFIGS_DIR / "core"
 
 
-@torch.no_grad()
 def embed_images(backbone: ViTBackbone, images: torch.Tensor, mean, std, batch: int = 256) -> torch.Tensor:
+    import torch
+
     backbone.eval()
     mean_t = torch.tensor(mean).view(1, -1, 1, 1)
     std_t = torch.tensor(std).view(1, -1, 1, 1)
-    feats = [backbone((images[i : i + batch] - mean_t) / std_t) for i in range(0, len(images), batch)]
-    return torch.cat(feats).float()
+    with torch.no_grad():
+        feats = [backbone((images[i : i + batch] - mean_t) / std_t) for i in range(0, len(images), batch)]
+        return torch.cat(feats).float()
 
 
 def texture_knn_accuracy(backbone: ViTBackbone, cfg: dict, n_train: int = 512, n_test: int = 256) -> float:
     """kNN accuracy (k=20, cosine, DINO weighting) on held-out demo images resized to the global crop."""
+    import torch
+
     from evaluation.knn import knn_classify
+    from fm.demo_images import DemoTextures
 
     size = cfg["crops"]["global_size"]
     data = DemoTextures(n=n_train + n_test, size=size, seed=cfg["data"]["seed"] + 12345)
@@ -42,11 +51,15 @@ def texture_knn_accuracy(backbone: ViTBackbone, cfg: dict, n_train: int = 512, n
 
 
 def demo_source(cfg: dict) -> DemoTextures:
+    from fm.demo_images import DemoTextures
+
     d = cfg["data"]
     return DemoTextures(n=d["demo_images"], size=d["demo_size"], seed=d["seed"])
 
 
 def train(args: argparse.Namespace) -> dict:
+    from fm.train import build_module, run_pretraining
+
     cfg = apply_train_flags(args, args.cfg)
     baseline = texture_knn_accuracy(build_module(cfg).backbone, cfg)
     result = run_pretraining(cfg, demo_source(cfg))

@@ -70,8 +70,9 @@ def _build_parser(prog: str, verb: str, domains: dict[str, Domain]) -> argparse.
 
 
 def _add_command_args(parser: argparse.ArgumentParser, cmd: Command) -> None:
-    if cmd.add_args is not None:
-        cmd.add_args(parser)
+    add_args = cmd.arg_builder()
+    if add_args is not None:
+        add_args(parser)
     if cmd.default_config is not None:
         add_config_args(parser)
     elif not any("--tracking-uri" in a.option_strings for a in parser._actions):
@@ -94,11 +95,11 @@ def invoke(verb: str, argv: Sequence[str] | None = None):
     if cmd.default_config is not None:
         args.cfg = resolved_config(args, cmd)
         if args.print_config:
-            apply = getattr(cmd.run, "apply_flags", None)
+            apply = cmd.flag_applier()
             cfg = apply(args, args.cfg) if apply else args.cfg
             print(dump(cfg), end="")
             return None
-    return cmd.run(args)
+    return cmd.runner()(args)
 
 
 def _run(verb: str, argv: Sequence[str] | None) -> int:

@@ -1,30 +1,24 @@
-"""The `pathology` domain of the CLI: `fm-prepare pathology` (tiling) and `fm-train pathology`.
+"""The `pathology` domain of the CLI: every flag of `fm-prepare`, `fm-train`, `fm-extract` and
+`fm-eval pathology <task>`, and which function runs each command.
 
-Extraction (`fm-extract pathology`) and slide-level evaluation (`fm-eval pathology <task>`) are added
-to DOMAIN by pathology.extract / pathology.evaluate when those modules exist.
+Every fm-* command imports this module to build its parsers, so it imports nothing heavy: the commands
+run in pathology.prepare (tiling, torch-free), pathology.pretrain, pathology.extract and
+pathology.evaluate, imported only when they run.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
-
-import pandas as pd
-import torch
 
 from fm.config import apply_flags as apply_flag_map
 from fm.config import set_value
 from fm.domains import Command, Domain
-from fm.train import add_train_args, apply_train_flags, multicrop_from_config, run_pretraining
-from pathology.augment import HEPhotometric
-from pathology.cohorts import SlideRecord, resolve_cohorts
-from pathology.evaluate import EVAL_TASKS
-from pathology.extract import EXTRACT_COMMAND
-from pathology.tile_dataset import TileStream
-from pathology.tiling import COORDS_NAME, tile_cohort, tiling_defaults
-from pathology.tissue import TissueParams
+from fm.train_args import add_train_args, apply_train_flags
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
+FEATURE_KINDS = ("cls", "cls+mean")  # here, not in pathology.extract, so the parser needs no torch
 
 
 def add_cohort_args(p: argparse.ArgumentParser) -> None:
@@ -34,32 +28,6 @@ def add_cohort_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--projects", help="TCGA project filter, e.g. TCGA-LUAD,TCGA-LUSC")
     g.add_argument("--mpp", type=float, help="microns per pixel for slides whose files lack it")
     g.add_argument("--slides", help="only these slide ids (comma-separated), e.g. one per Nextflow task")
-
-
-def select_slides(args: argparse.Namespace, cohorts, data_root=None, projects=None, mpp=None) -> list[SlideRecord]:
-    names = args.cohorts.split(",") if getattr(args, "cohorts", None) else list(cohorts)
-    projects = args.projects.split(",") if getattr(args, "projects", None) else projects
-    records = resolve_cohorts(names, data_root=getattr(args, "data_root", None) or data_root,
-                              projects=projects, mpp=args.mpp if getattr(args, "mpp", None) else mpp)
-    if getattr(args, "slides", None):
-        wanted = args.slides.split(",")
-        known = {r.slide_id for r in records}
-        missing = [s for s in wanted if s not in known]
-        if missing:
-            raise ValueError(f"--slides names slides not in the cohort: {', '.join(missing)}")
-        records = [r for r in records if r.slide_id in wanted]
-    if not records:
-        raise ValueError(f"no slides found for cohorts {names} (data root: {getattr(args, 'data_root', None)})")
-    return records
-
-
-def write_samplesheet(records: list[SlideRecord], path: str | Path) -> Path:
-    rows = [{"slide_id": r.slide_id, "patient_id": r.patient_id, "slide_path": str(r.slide_path),
-             "mpp": r.mpp, **r.labels} for r in records]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(path, index=False)
-    return path
 
 
 # -- fm-prepare pathology ---------------------------------------------------------------------
@@ -74,45 +42,7 @@ def _add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--write-samplesheet", metavar="CSV", help="also write the cohort as a samplesheet CSV")
 
 
-def tile_slides(records: list[SlideRecord], out_dir: Path, params: dict, overwrite: bool = False) -> pd.DataFrame:
-    return tile_cohort(records, out_dir, tile_px=params["tile_px"], target_mpp=params["target_mpp"],
-                       min_tissue=params["min_tissue"], overwrite=overwrite, workers=params["workers"],
-                       tissue_params=TissueParams(**params["tissue"]))
-
-
-def prepare(args: argparse.Namespace) -> dict:
-    params = tiling_defaults()
-    for flag, key in (("tile_px", "tile_px"), ("target_mpp", "target_mpp"), ("min_tissue", "min_tissue"),
-                      ("workers", "workers")):
-        if getattr(args, flag) is not None:
-            params[key] = getattr(args, flag)
-    records = select_slides(args, ["demo"] if not args.cohorts else [])
-    if args.write_samplesheet:
-        print(f"samplesheet: {write_samplesheet(records, args.write_samplesheet)}")
-    out = Path(args.output_dir)
-    rows = tile_slides(records, out, params, args.overwrite)
-    summary = rows.groupby("status").size().to_dict() if len(rows) else {}
-    print(f"tiled {len(rows)} slide(s) into {out}: {summary}; manifest: {out / 'manifest.csv'}")
-    failed = rows[rows["status"] == "failed"] if len(rows) else rows
-    for _, row in failed.iterrows():
-        print(f"  FAILED {row['slide_id']}: {row['reason']}")
-    return {"manifest": str(out / "manifest.csv"), "statuses": summary}
-
-
 # -- fm-train pathology -----------------------------------------------------------------------
-class TileSource:
-    """ImageSource over all tiles of the tiled slides (decoded on demand; no tile dump)."""
-
-    def __init__(self, coords_paths: list[Path], tile_px: int, target_mpp: float, seed: int):
-        self.stream = TileStream([str(p) for p in coords_paths], tile_px=tile_px, target_mpp=target_mpp, seed=seed)
-
-    def __len__(self) -> int:
-        return self.stream.total
-
-    def get(self, index: int) -> torch.Tensor:
-        return self.stream.sample(index)["image"]
-
-
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     add_cohort_args(p)
     p.add_argument("--tiles-dir", help="[pathology.tiles_dir] where tiles are (tiled first if missing)")
@@ -128,39 +58,82 @@ def apply_flags(args: argparse.Namespace, cfg: dict) -> dict:
                                       "tiles_dir": "pathology.tiles_dir"})
 
 
-def train(args: argparse.Namespace) -> dict:
-    cfg = apply_flags(args, args.cfg)
-    p = cfg["pathology"]
-    tiles_dir = Path(p["tiles_dir"] or Path(cfg["train"]["output_dir"]) / "tiles")
-    records = select_slides(args, p["cohorts"], p["data_root"], p["projects"], p["mpp"])
-    params = {**tiling_defaults(), "tile_px": p["tile_px"], "target_mpp": p["target_mpp"],
-              "min_tissue": p["min_tissue"], "workers": p["tiling_workers"]}
-    rows = tile_slides(records, tiles_dir, params)  # tiles what is not tiled yet (resumable)
-    coords = [tiles_dir / r.slide_id / COORDS_NAME for r in records if (tiles_dir / r.slide_id / COORDS_NAME).is_file()]
-    n_failed = int((rows["status"] == "failed").sum()) if len(rows) else 0
-    if not coords:
-        raise ValueError(f"no slide of the cohort has tiles in {tiles_dir} (see {tiles_dir / 'manifest.csv'})")
-    source = TileSource(coords, p["tile_px"], p["target_mpp"], cfg["data"]["seed"])
-    photometric = HEPhotometric(strength=p["he_strength"], flips=False, rotate90=False)
-    rotate = (lambda x: torch.rot90(x, int(torch.randint(4, ())), dims=(-2, -1))) if p["rotate90"] else None
-    transform = multicrop_from_config(cfg, photometric=(photometric, photometric, photometric), extra_geometric=rotate)
-    thumbnails = [(c.parent / "thumbnail.png", f"qc/{c.parent.name}") for c in coords]
-    artifacts = [tiles_dir / "manifest.csv", *[t for t in thumbnails if t[0].is_file()]]
-    print(f"pretraining on {len(source)} tiles from {len(coords)} slide(s) ({n_failed} failed, see manifest)")
-    result = run_pretraining(cfg, source, transform, artifacts=artifacts)
-    return {"export": str(result.export), "run_id": result.run_id, "tiles_dir": str(tiles_dir), "n_tiles": len(source)}
+# -- fm-extract pathology ---------------------------------------------------------------------
+def add_extract_args(p: argparse.ArgumentParser) -> None:
+    add_cohort_args(p)
+    p.add_argument("--tiles-dir", default="fm-runs/tiles", help="tiling output (slides not tiled yet are tiled here)")
+    p.add_argument("--output-dir", required=True, help="one <slide_id>.h5 per slide goes here")
+    p.add_argument("--encoder", required=True,
+                   help="registered name (pathology/phikon-v2, dinov2/vitl14, ...) or a checkpoint file/folder")
+    p.add_argument("--weights", help="weights file for a registered encoder (default: looked up locally)")
+    p.add_argument("--feature", default="cls", choices=FEATURE_KINDS, help="cls token, or cls + mean patch token")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="features on disk")
+    p.add_argument("--batch-size", type=int, help="tiles per forward (default 256 on GPU, 32 on CPU)")
+    p.add_argument("--workers", type=int, default=min(8, max(1, (os.cpu_count() or 2) - 1)),
+                   help="tile-decoding worker processes (0: decode in this process, no crash isolation)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (LOCAL_RANK picks the GPU under torchrun)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 autocast on GPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder (GPU; pays off on big cohorts)")
+    p.add_argument("--input-px", type=int, help="encoder input size (default: the encoder's; 0 keeps the tile size)")
+    p.add_argument("--shard", help="INDEX/COUNT: this process extracts every COUNT-th slide (one process per GPU)")
+    p.add_argument("--overwrite", action="store_true", help="re-extract slides that already have features")
+    p.add_argument("--fail-fast", action="store_true", help="stop at the first bad slide (default: record, go on)")
+    g = p.add_argument_group("tiling of slides not tiled yet (defaults: pathology/configs/tiling.yaml)")
+    g.add_argument("--tile-px", type=int)
+    g.add_argument("--target-mpp", type=float)
+    g.add_argument("--min-tissue", type=float)
 
 
-train.apply_flags = apply_flags
+# -- fm-eval pathology <task> -----------------------------------------------------------------
+def _add_eval_args(p: argparse.ArgumentParser, task_name: str) -> None:
+    if task_name == "csv":
+        p.add_argument("table", help="task CSV: slide_id or patient_id, label [, fold] [, split=test rows]")
+    add_cohort_args(p)
+    p.add_argument("--features-dir", required=True, help="fm-extract output: <slide_id>.h5 per slide")
+    p.add_argument("--test-features-dir", help="features of an external test cohort (all members predict it)")
+    p.add_argument("--test-labels", help="labels of the external cohort: slide_id or patient_id, label")
+    if task_name == "tcga-brca":
+        p.add_argument("--labels", help="IDC/ILC labels: CSV with slide_id or patient_id, label (required)")
+    p.add_argument("--output-dir", help="results go here (default fm-runs/eval/<task>)")
+    p.add_argument("--model", default="abmil", choices=["abmil", "mean"], help="gated attention MIL or mean pooling")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max-tiles", type=int, default=5000, help="tiles sampled per slide per training step")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--drop-missing", action="store_true", help="leave out labelled slides without features")
+    p.add_argument("--experiment", default="fm-pathology-eval", help="MLflow experiment")
+    p.add_argument("--run-name")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or local SQLite)")
+
+
+def _eval_task(task_name: str, help_text: str) -> Command:
+    def run(args: argparse.Namespace) -> dict:
+        from pathology.evaluate import run_eval
+
+        return run_eval(args, task_name)
+
+    return Command(help=help_text, run=run, add_args=lambda p: _add_eval_args(p, task_name))
+
+
+EVAL_TASKS = {
+    "tcga-nsclc": _eval_task("tcga-nsclc", "LUAD vs LUSC (label = TCGA project), diagnostic tumour slides"),
+    "tcga-brca": _eval_task("tcga-brca", "IDC vs ILC; needs --labels CSV (slide or patient ids)"),
+    "demo": _eval_task("demo", "the demo cohort's stroma / tumour / glandular label"),
+    "csv": _eval_task("csv", "a user task: `fm-eval pathology csv:TABLE.csv` (or `csv TABLE.csv`)"),
+}
 
 DOMAIN = Domain(
     name="pathology",
     help="whole-slide images: tiling, Phikon-v2-style pretraining, extraction, slide-level MIL",
     train=Command(help="tile what is not tiled yet, then pretrain (default config: Phikon-v2 recipe)",
-                  run=train, add_args=_add_train_args, default_config=CONFIGS / "phikon_v2.yaml"),
+                  run="pathology.pretrain:train", add_args=_add_train_args, apply_flags=apply_flags,
+                  default_config=CONFIGS / "phikon_v2.yaml"),
     prepare=Command(help="tissue detection + tiling of a cohort (resumable; one bad slide never stops it)",
-                    run=prepare, add_args=_add_prepare_args),
-    extract=EXTRACT_COMMAND,
+                    run="pathology.prepare:prepare", add_args=_add_prepare_args),
+    extract=Command(help="tile features of a cohort into <output-dir>/<slide_id>.h5 (resumable, sharded, one bad "
+                         "slide never stops it)", run="pathology.extract:run_extract", add_args=add_extract_args),
     eval_tasks=EVAL_TASKS,
     configs_dir=CONFIGS,
 )

@@ -25,7 +25,6 @@ import pandas as pd
 
 from evaluation.mil_data import FeatureBank
 from evaluation.mil_protocol import MILConfig, MILResults, log_mil_results, run_mil_protocol
-from fm.domains import Command
 from pathology.feature_files import FINGERPRINT_ATTRS, read_feature_attrs
 from pathology.tasks import (
     BUILTIN_TASKS,
@@ -195,7 +194,7 @@ def evaluate_task(task: Task, features_dir, output_dir, test_features_dir=None, 
 def _slides_for(args: argparse.Namespace, task_name: str, features_dir: Path) -> pd.DataFrame:
     """The slide table a task draws from: the named cohort, else the task's default cohort where it
     needs no data root (demo) or one was given, else the attributes of the feature files."""
-    from pathology.domain import select_slides
+    from pathology.prepare import select_slides
 
     cohort = DEFAULT_COHORT.get(task_name)
     if args.cohorts or (cohort == "demo") or (cohort and args.data_root):
@@ -203,32 +202,8 @@ def _slides_for(args: argparse.Namespace, task_name: str, features_dir: Path) ->
     return slide_table_from_features(features_dir)
 
 
-def _add_eval_args(p: argparse.ArgumentParser, task_name: str) -> None:
-    from pathology.domain import add_cohort_args
-
-    if task_name == "csv":
-        p.add_argument("table", help="task CSV: slide_id or patient_id, label [, fold] [, split=test rows]")
-    add_cohort_args(p)
-    p.add_argument("--features-dir", required=True, help="fm-extract output: <slide_id>.h5 per slide")
-    p.add_argument("--test-features-dir", help="features of an external test cohort (all members predict it)")
-    p.add_argument("--test-labels", help="labels of the external cohort: slide_id or patient_id, label")
-    if task_name == "tcga-brca":
-        p.add_argument("--labels", help="IDC/ILC labels: CSV with slide_id or patient_id, label (required)")
-    p.add_argument("--output-dir", help="results go here (default fm-runs/eval/<task>)")
-    p.add_argument("--model", default="abmil", choices=["abmil", "mean"], help="gated attention MIL or mean pooling")
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--max-tiles", type=int, default=5000, help="tiles sampled per slide per training step")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--drop-missing", action="store_true", help="leave out labelled slides without features")
-    p.add_argument("--experiment", default="fm-pathology-eval", help="MLflow experiment")
-    p.add_argument("--run-name")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or local SQLite)")
-
-
-def _run_eval(args: argparse.Namespace, task_name: str) -> dict:
+def run_eval(args: argparse.Namespace, task_name: str) -> dict:
+    """`fm-eval pathology <task_name>` (its flags: pathology.domain._add_eval_args)."""
     name = f"csv:{args.table}" if task_name == "csv" else task_name
     features_dir = Path(args.features_dir)
     task = build_task(name, _slides_for(args, task_name, features_dir), getattr(args, "labels", None))
@@ -248,15 +223,3 @@ def _run_eval(args: argparse.Namespace, task_name: str) -> dict:
     return evaluate_task(task, features_dir, args.output_dir or f"fm-runs/eval/{task_name}", args.test_features_dir,
                          config, args.tracking_uri, args.experiment, args.run_name, args.drop_missing)
 
-
-def _command(task_name: str, help_text: str) -> Command:
-    return Command(help=help_text, run=lambda args: _run_eval(args, task_name),
-                   add_args=lambda p: _add_eval_args(p, task_name))
-
-
-EVAL_TASKS = {
-    "tcga-nsclc": _command("tcga-nsclc", "LUAD vs LUSC (label = TCGA project), diagnostic tumour slides"),
-    "tcga-brca": _command("tcga-brca", "IDC vs ILC; needs --labels CSV (slide or patient ids)"),
-    "demo": _command("demo", "the demo cohort's stroma / tumour / glandular label"),
-    "csv": _command("csv", "a user task: `fm-eval pathology csv:TABLE.csv` (or `csv TABLE.csv`)"),
-}

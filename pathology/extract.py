@@ -30,11 +30,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from fm.domains import Command
 from fm.io import ItemLock, remove_stale_temporaries
 from fm.registry import load_encoder
 from pathology.cohort_tiles import PREFETCH, CohortTiles, StreamStats, collate_tiles, embed_stream
 from pathology.cohorts import SlideRecord
+from pathology.domain import FEATURE_KINDS
 from pathology.feature_files import FeatureFileWriter, code_version, feature_file_state, weights_sha256
 from pathology.tile_dataset import SlideTiles
 from pathology.tiling import (
@@ -49,7 +49,6 @@ from pathology.tiling import (
 )
 
 MANIFEST_NAME = "extract_manifest.csv"
-FEATURE_KINDS = ("cls", "cls+mean")
 
 
 class FeatureEncoder:
@@ -200,7 +199,7 @@ def plan_extraction(records: list[SlideRecord], tiles_dir: Path, output_dir: Pat
             continue
         job.lock = ItemLock(job.out_path)
         if not job.lock.acquire():
-            rows.append(job.row(LOCKED, "another process is extracting this slide"))
+            rows.append(job.row(LOCKED, f"being extracted by {job.lock.holder()}"))
             continue
         if not overwrite and feature_file_state(job.out_path, n, fingerprint) == "complete":
             job.lock.release()  # finished by another process between the check and the lock
@@ -331,35 +330,9 @@ def extract_cohort(records: list[SlideRecord], tiles_dir: str | os.PathLike, out
 
 
 # -- CLI ------------------------------------------------------------------------------------------------
-def add_extract_args(p: argparse.ArgumentParser) -> None:
-    from pathology.domain import add_cohort_args
-
-    add_cohort_args(p)
-    p.add_argument("--tiles-dir", default="fm-runs/tiles", help="tiling output (slides not tiled yet are tiled here)")
-    p.add_argument("--output-dir", required=True, help="one <slide_id>.h5 per slide goes here")
-    p.add_argument("--encoder", required=True,
-                   help="registered name (pathology/phikon-v2, dinov2/vitl14, ...) or a checkpoint file/folder")
-    p.add_argument("--weights", help="weights file for a registered encoder (default: looked up locally)")
-    p.add_argument("--feature", default="cls", choices=FEATURE_KINDS, help="cls token, or cls + mean patch token")
-    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="features on disk")
-    p.add_argument("--batch-size", type=int, help="tiles per forward (default 256 on GPU, 32 on CPU)")
-    p.add_argument("--workers", type=int, default=min(8, max(1, (os.cpu_count() or 2) - 1)),
-                   help="tile-decoding worker processes (0: decode in this process, no crash isolation)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (LOCAL_RANK picks the GPU under torchrun)")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 autocast on GPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the encoder (GPU; pays off on big cohorts)")
-    p.add_argument("--input-px", type=int, help="encoder input size (default: the encoder's; 0 keeps the tile size)")
-    p.add_argument("--shard", help="INDEX/COUNT: this process extracts every COUNT-th slide (one process per GPU)")
-    p.add_argument("--overwrite", action="store_true", help="re-extract slides that already have features")
-    p.add_argument("--fail-fast", action="store_true", help="stop at the first bad slide (default: record, go on)")
-    g = p.add_argument_group("tiling of slides not tiled yet (defaults: pathology/configs/tiling.yaml)")
-    g.add_argument("--tile-px", type=int)
-    g.add_argument("--target-mpp", type=float)
-    g.add_argument("--min-tissue", type=float)
-
-
 def run_extract(args: argparse.Namespace) -> dict:
-    from pathology.domain import select_slides
+    """`fm-extract pathology` (its flags: pathology.domain.add_extract_args)."""
+    from pathology.prepare import select_slides
 
     if not args.cohorts:
         raise ValueError("--cohorts is required (tcga, tcga:GDC_MANIFEST, csv:PATH or demo)")
@@ -380,10 +353,7 @@ def run_extract(args: argparse.Namespace) -> dict:
     manifest = Path(args.output_dir) / MANIFEST_NAME
     print(f"extracted {statuses.get(OK, 0)} of {len(records)} slide(s) ({n_tiles} tiles, {n_tiles / seconds:.1f} "
           f"tiles/s) with {encoder.name} into {args.output_dir}: {statuses}; manifest: {manifest}")
+    stream = table.attrs["stream"]
     return {"output_dir": str(args.output_dir), "manifest": str(manifest), "statuses": statuses,
-            "n_tiles": n_tiles, "seconds": round(seconds, 2), "encoder": encoder.name}
-
-
-EXTRACT_COMMAND = Command(
-    help="tile features of a cohort into <output-dir>/<slide_id>.h5 (resumable, sharded, one bad slide never stops it)",
-    run=run_extract, add_args=add_extract_args)
+            "n_tiles": n_tiles, "seconds": round(seconds, 2), "encoder": encoder.name,
+            "steady_tiles_per_s": round(stream.steady_tiles_per_s, 1), "limit": stream.limit(args.workers)}

@@ -1,0 +1,51 @@
+"""`fm-train pathology`: tile what is not tiled yet, then pretrain on tiles streamed from the slides."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from fm.train import multicrop_from_config, run_pretraining
+from pathology.augment import HEPhotometric
+from pathology.domain import apply_flags
+from pathology.prepare import select_slides, tile_slides
+from pathology.tile_dataset import TileStream
+from pathology.tiling import COORDS_NAME, tiling_defaults
+
+
+class TileSource:
+    """ImageSource over all tiles of the tiled slides (decoded on demand; no tile dump)."""
+
+    def __init__(self, coords_paths: list[Path], tile_px: int, target_mpp: float, seed: int):
+        self.stream = TileStream([str(p) for p in coords_paths], tile_px=tile_px, target_mpp=target_mpp, seed=seed)
+
+    def __len__(self) -> int:
+        return self.stream.total
+
+    def get(self, index: int) -> torch.Tensor:
+        return self.stream.sample(index)["image"]
+
+
+def train(args: argparse.Namespace) -> dict:
+    cfg = apply_flags(args, args.cfg)
+    p = cfg["pathology"]
+    tiles_dir = Path(p["tiles_dir"] or Path(cfg["train"]["output_dir"]) / "tiles")
+    records = select_slides(args, p["cohorts"], p["data_root"], p["projects"], p["mpp"])
+    params = {**tiling_defaults(), "tile_px": p["tile_px"], "target_mpp": p["target_mpp"],
+              "min_tissue": p["min_tissue"], "workers": p["tiling_workers"]}
+    rows = tile_slides(records, tiles_dir, params)  # tiles what is not tiled yet (resumable)
+    coords = [tiles_dir / r.slide_id / COORDS_NAME for r in records if (tiles_dir / r.slide_id / COORDS_NAME).is_file()]
+    n_failed = int((rows["status"] == "failed").sum()) if len(rows) else 0
+    if not coords:
+        raise ValueError(f"no slide of the cohort has tiles in {tiles_dir} (see {tiles_dir / 'manifest.csv'})")
+    source = TileSource(coords, p["tile_px"], p["target_mpp"], cfg["data"]["seed"])
+    photometric = HEPhotometric(strength=p["he_strength"], flips=False, rotate90=False)
+    rotate = (lambda x: torch.rot90(x, int(torch.randint(4, ())), dims=(-2, -1))) if p["rotate90"] else None
+    transform = multicrop_from_config(cfg, photometric=(photometric, photometric, photometric), extra_geometric=rotate)
+    thumbnails = [(c.parent / "thumbnail.png", f"qc/{c.parent.name}") for c in coords]
+    artifacts = [tiles_dir / "manifest.csv", *[t for t in thumbnails if t[0].is_file()]]
+    print(f"pretraining on {len(source)} tiles from {len(coords)} slide(s) ({n_failed} failed, see manifest)")
+    result = run_pretraining(cfg, source, transform, artifacts=artifacts)
+    return {"export": str(result.export), "run_id": result.run_id, "tiles_dir": str(tiles_dir), "n_tiles": len(source)}
