@@ -92,6 +92,17 @@ class ItemLock:
             return False
         return False
 
+    def holder(self) -> str:
+        """Who holds the lock, for messages: a lock left by a dead process on another node is not
+        broken automatically (its pid cannot be checked from here), so say where it is."""
+        try:
+            host, pid, since = self.path.read_text().strip().split(":")[:3]
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(since)))
+            who = f"process {pid} on {host} since {when}"
+        except (OSError, ValueError):
+            who = "another process"
+        return f"{who}; lock file {self.path} (delete it if that process is gone)"
+
     def release(self) -> None:
         if self.acquired:
             self.path.unlink(missing_ok=True)

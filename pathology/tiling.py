@@ -175,9 +175,10 @@ def tile_slide(
         return result(FAILED, f"{slide_path}: slide_id {slide_id!r} cannot be a folder name")
     if coords_path.exists() and not overwrite:
         return result(SKIPPED_DONE, "already tiled", *_done_summary(coords_path))
-    with ItemLock(coords_path) as got:
+    lock = ItemLock(coords_path)
+    with lock as got:
         if not got:
-            return result(LOCKED, "another process is tiling this slide")
+            return result(LOCKED, f"being tiled by {lock.holder()}")
         if coords_path.exists() and not overwrite:  # finished by another process meanwhile
             return result(SKIPPED_DONE, "already tiled", *_done_summary(coords_path))
         remove_stale_temporaries(coords_path)

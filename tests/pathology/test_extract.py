@@ -7,7 +7,6 @@ import json
 import multiprocessing
 import os
 import signal
-import socket
 from pathlib import Path
 
 import h5py
@@ -172,7 +171,7 @@ def test_locked_conflicting_and_untiled_slides(cmu_cohort, tiny_hf, tmp_path):
     records, tiles = cmu_cohort
     out = tmp_path / "out"
     out.mkdir()
-    (out / "cmu-0.h5.lock").write_text(f"{socket.gethostname()}:{os.getpid()}:0\n")  # a live process holds it
+    (out / "cmu-0.h5.lock").write_text("gpu-node-7:4242:0\n")  # another node's lock: cannot be checked, kept
     other = FeatureEncoder(str(tiny_hf), device="cpu", input_px=32)  # another preprocessing
     extract_cohort(records[1:2], tiles, out, other, workers=0)
     missing = SlideRecord("cmu-new", records[0].slide_path, "P9", "test")  # not tiled yet: tiled first
@@ -180,6 +179,9 @@ def test_locked_conflicting_and_untiled_slides(cmu_cohort, tiny_hf, tmp_path):
                            tiling=dict(tile_px=224, target_mpp=0.5, min_tissue=0.6))
     rows = table.set_index("slide_id")
     assert rows.loc["cmu-0", "status"] == "locked"
+    # the reason says who holds it and where the lock file is, for when that node died
+    assert "process 4242 on gpu-node-7" in rows.loc["cmu-0", "reason"]
+    assert str(out / "cmu-0.h5.lock") in rows.loc["cmu-0", "reason"]
     assert rows.loc["cmu-1", "status"] == "failed" and "--overwrite" in rows.loc["cmu-1", "reason"]
     assert rows.loc["cmu-new", "status"] == "ok" and (tiles / "cmu-new" / "coords.h5").is_file()
     again = extract_cohort(records[1:2], tiles, out, FeatureEncoder(str(tiny_hf), device="cpu"), workers=0,
