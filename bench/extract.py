@@ -212,7 +212,10 @@ def main(argv=None) -> dict:
     args.copies = args.copies or (200 if cuda else 6)
     torch.backends.cuda.matmul.allow_tf32 = True
 
+    from fm.host import fix_mmap_threshold
     from pathology.extract import extract_cohort
+
+    fix_mmap_threshold()  # as fm-extract does
 
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="fm-bench-extract-"))
     try:

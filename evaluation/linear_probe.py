@@ -8,9 +8,8 @@ for typical benchmark sizes. The fit is deterministic for a given seed.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from evaluation.metrics import accuracy, average_precision_micro
+from fm.host import intra_op_threads
 
 TASK_LOSSES = {"multiclass": ("cross_entropy",), "multilabel": ("bce", "multilabel_soft_margin")}
 
@@ -126,17 +126,6 @@ def _train_one(
         probe.history.append(total / x.shape[0])
 
 
-@contextlib.contextmanager
-def _intra_op_threads(threads: int | None, device: str | torch.device) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    if threads and torch.device(device).type == "cpu":
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def _validation_metric(probe: LinearProbe, feats: torch.Tensor, targets: torch.Tensor) -> float:
     """Accuracy (multiclass) or micro AP (multilabel): what the lr sweep maximises."""
     scores = probe.predict_scores(feats)
@@ -199,7 +188,7 @@ def fit_linear_probe(
     x_standard = (x - mean) / std
     best: LinearProbe | None = None
     sweep: dict[float, float] = {}
-    with _intra_op_threads(cpu_threads, device):
+    with intra_op_threads(cpu_threads if torch.device(device).type == "cpu" else None):
         for candidate in lrs or [lr]:
             probe = LinearProbe(x.shape[1], out_dim, task).to(device)
             probe.mean.copy_(mean)

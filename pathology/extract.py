@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from fm.host import available_cores, fix_mmap_threshold, intra_op_threads
 from fm.io import ItemLock, remove_stale_temporaries, stale_temporaries
 from fm.registry import load_encoder
 from pathology.cohort_tiles import PREFETCH, CohortTiles, StreamStats, collate_tiles, embed_stream
@@ -288,40 +289,43 @@ def extract_cohort(records: list[SlideRecord], tiles_dir: str | os.PathLike, out
         except OSError as err:
             fail(pos, f"{job.out_path}: cannot write features: {err}")
 
-    try:
-        queue, suspects = list(range(len(jobs))), []
-        while queue or suspects:
-            # after a worker crash, each slide that was in flight runs alone to find the one that crashes
-            todo, alone = ([suspects.pop(0)], True) if suspects else (queue, False)
-            tiles = [SlideTiles(str(jobs[p].record.slide_path), str(jobs[p].coords_path), jobs[p].n_tiles,
-                                jobs[p].slide_mpp) for p in todo]
-            dataset = CohortTiles(tiles, int(common["patch_size"]), float(common["target_mpp"]))
-            try:
-                embed_stream(dataset, encoder, batch_size, workers, collate_tiles,
-                             on_rows=lambda i, row, feats, todo=todo: consume(todo[i], row, feats),
-                             on_error=lambda i, reason, todo=todo: fail(todo[i], reason), stats=stats)
-            except (RuntimeError, ConnectionError, EOFError) as err:
-                # a killed worker shows up as torch's "DataLoader worker ... killed" error, or, when it
-                # died while handing over a tensor, as a broken connection in the unpickling
-                if isinstance(err, RuntimeError) and "DataLoader worker" not in str(err):
-                    raise
-                if alone:
-                    fail(todo[0], f"the tile-reading worker died while reading this slide ({err})")
-                else:
-                    suspects = _in_flight(todo, jobs, writers, finished, (PREFETCH * workers + 2) * batch_size)
-                    print(f"  a tile-reading worker died ({err}); retrying {len(suspects)} slide(s) one by one")
-                for p in todo:
-                    if p in writers and p not in finished:
-                        writers.pop(p).discard()  # its rows come again on the retry
-            queue = [p for p in queue if p not in finished and p not in suspects]
-    finally:
-        for pos in list(writers):
-            writers.pop(pos).discard()
-        for job in jobs:
-            if job.lock is not None:
-                job.lock.release()
-        if rows:
-            _write_manifest(output_dir / MANIFEST_NAME, rows)
+    on_cpu = getattr(encoder, "device", torch.device("cpu")).type == "cpu"
+    # a CPU forward leaves the workers their cores (oversubscribed, it runs several times slower)
+    with intra_op_threads(max(1, available_cores() - workers) if on_cpu else None):
+        try:
+            queue, suspects = list(range(len(jobs))), []
+            while queue or suspects:
+                # after a worker crash, each slide that was in flight runs alone to find the one that crashes
+                todo, alone = ([suspects.pop(0)], True) if suspects else (queue, False)
+                tiles = [SlideTiles(str(jobs[p].record.slide_path), str(jobs[p].coords_path), jobs[p].n_tiles,
+                                    jobs[p].slide_mpp) for p in todo]
+                dataset = CohortTiles(tiles, int(common["patch_size"]), float(common["target_mpp"]))
+                try:
+                    embed_stream(dataset, encoder, batch_size, workers, collate_tiles,
+                                 on_rows=lambda i, row, feats, todo=todo: consume(todo[i], row, feats),
+                                 on_error=lambda i, reason, todo=todo: fail(todo[i], reason), stats=stats)
+                except (RuntimeError, ConnectionError, EOFError) as err:
+                    # a killed worker shows up as torch's "DataLoader worker ... killed" error, or, when it
+                    # died while handing over a tensor, as a broken connection in the unpickling
+                    if isinstance(err, RuntimeError) and "DataLoader worker" not in str(err):
+                        raise
+                    if alone:
+                        fail(todo[0], f"the tile-reading worker died while reading this slide ({err})")
+                    else:
+                        suspects = _in_flight(todo, jobs, writers, finished, (PREFETCH * workers + 2) * batch_size)
+                        print(f"  a tile-reading worker died ({err}); retrying {len(suspects)} slide(s) one by one")
+                    for p in todo:
+                        if p in writers and p not in finished:
+                            writers.pop(p).discard()  # its rows come again on the retry
+                queue = [p for p in queue if p not in finished and p not in suspects]
+        finally:
+            for pos in list(writers):
+                writers.pop(pos).discard()
+            for job in jobs:
+                if job.lock is not None:
+                    job.lock.release()
+            if rows:
+                _write_manifest(output_dir / MANIFEST_NAME, rows)
     columns = ["slide_id", "patient_id", "slide_path", "status", "reason", "n_tiles", "seconds", "mpp"]
     table = pd.DataFrame(rows, columns=columns)
     table.attrs["stream"] = stats
@@ -338,6 +342,7 @@ def run_extract(args: argparse.Namespace) -> dict:
     if not args.cohorts:
         raise ValueError("--cohorts is required (tcga, tcga:GDC_MANIFEST, csv:PATH or demo)")
     records = shard_of(select_slides(args, []), args.shard)
+    fix_mmap_threshold()  # a long run's heap must not creep up (see fm.host)
     device = args.device
     if device == "auto" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"

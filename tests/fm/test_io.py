@@ -48,3 +48,4 @@ def test_lock_holder_names_process_host_and_file(tmp_path):
     assert str(tmp_path / "x.h5.lock") in second.holder()
     first.release()
     assert second.acquire()
+

@@ -211,3 +211,29 @@ def test_weights_hash_is_cached_and_follows_the_file(tmp_path, monkeypatch):
     assert str(path.resolve()) in json.loads((tmp_path / "cache" / "weights-sha256.json").read_text())
     path.write_bytes(b"b" * 1001)
     assert weights_sha256(path) == hashlib.sha256(b"b" * 1001).hexdigest()
+
+
+def test_cpu_forward_leaves_the_workers_their_cores(cmu_cohort, tiny_hf, tmp_path, monkeypatch):
+    """With W decoding workers on C cores, a CPU forward runs on C - W threads (oversubscribed it is
+    several times slower), and the caller's setting is back afterwards."""
+    import torch
+
+    from pathology import extract
+
+    records, tiles = cmu_cohort
+    monkeypatch.setattr(extract, "available_cores", lambda: 8)
+    encoder, seen = FeatureEncoder(str(tiny_hf), device="cpu"), []
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(encoder, name)
+
+        def __call__(self, images):
+            seen.append(torch.get_num_threads())
+            return encoder(images)
+
+    before = torch.get_num_threads()
+    table = extract_cohort(records[:1], tiles, tmp_path / "out", Recording(), batch_size=16, workers=3)
+    assert table["status"].tolist() == ["ok"]
+    assert seen and set(seen) == {5}
+    assert torch.get_num_threads() == before
