@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from timm.layers import SwiGLUPacked
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 # Architectures as in DINOv2 (facebookresearch/dinov2 vision_transformer.py) / timm's *_dinov2 models.
@@ -93,6 +93,7 @@ class ViTBackbone(nn.Module):
             no_embed_class=cfg.num_registers > 0,  # timm's convention for DINOv2 register models
             dynamic_img_size=True,
             drop_path_rate=0.0,  # we apply stochastic depth ourselves (batch-subset form)
+            block_fn=DropPathBlock,
             **ffn_kwargs,
         )
         self.embed_dim = spec["embed_dim"]
@@ -155,9 +156,25 @@ class ViTBackbone(nn.Module):
         rate = self.drop_path_rate
         if not self.training or rate <= 0.0 or x.shape[0] < 2:
             return blk(x)
-        residual = _subset_residual if self.drop_path_mode == "subset" else _per_sample_residual
-        x = residual(x, lambda t: blk.ls1(blk.attn(blk.norm1(t))), rate)
-        return residual(x, lambda t: blk.ls2(blk.mlp(blk.norm2(t))), rate)
+        return blk(x, drop_path=(rate, self.drop_path_mode))  # a DropPathBlock, possibly inside an FSDP unit
+
+
+class DropPathBlock(Block):
+    """timm's Block whose forward can apply our stochastic depth (`drop_path=(rate, mode)`).
+
+    The drop path must run inside the block's own forward: FSDP wraps each Block and gathers its
+    parameters only around that forward. Calling blk.attn / blk.mlp from outside (as `_block` did)
+    met the sharded 1-D views under FSDP ("mat2 must be a matrix, got 1-D tensor"). Same modules and
+    state-dict keys as Block, same ops and random draws as before."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                drop_path: tuple[float, str] | None = None) -> torch.Tensor:
+        if drop_path is None:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        rate, mode = drop_path
+        residual = _subset_residual if mode == "subset" else _per_sample_residual
+        x = residual(x, lambda t: self.ls1(self.attn(self.norm1(t), attn_mask=attn_mask, is_causal=is_causal)), rate)
+        return residual(x, lambda t: self.ls2(self.mlp(self.norm2(t))), rate)
 
 
 def _subset_residual(x: torch.Tensor, residual, drop_rate: float) -> torch.Tensor:

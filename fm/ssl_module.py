@@ -43,6 +43,80 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
     torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
 
 
+@torch.no_grad()
+def fsdp_ema_update_(teacher: nn.Module, student: nn.Module, momentum: float, root: nn.Module) -> None:
+    """`ema_update_` for branches trained under FSDP (use_orig_params=True) inside the FSDP unit `root`.
+
+    Outside forward, each parameter is a view of this rank's shard of its unit's flat parameter. Units
+    built from identical modules (each ViT Block of teacher and student) have identical flat layouts,
+    so their shards pair element by element and the update stays local. The root unit holds the rest
+    of both branches (embeddings, norms, heads) in one flat parameter at different offsets: there the
+    shard views do not pair (a zip met sizes 0 and 48), so those parameters are updated on the full
+    tensors gathered by summon_full_params(recurse=False), each rank writing back its own shard."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    def in_units(branch: nn.Module) -> set[int]:
+        return {id(p) for unit in FSDP.fsdp_modules(branch) if unit is not root for p in unit.parameters()}
+
+    t_named, s_named = list(teacher.named_parameters()), list(student.named_parameters())
+    if [n for n, _ in t_named] != [n for n, _ in s_named]:
+        raise RuntimeError("teacher and student are not wrapped identically: the EMA cannot pair their parameters")
+    t_local, s_local = in_units(teacher), in_units(student)
+    local_t, local_s, full_names = [], [], set()
+    for (name, t), (_, s) in zip(t_named, s_named):
+        if (id(t) in t_local) != (id(s) in s_local) or (id(t) in t_local and t.shape != s.shape):
+            raise RuntimeError(f"{name}: teacher and student shards differ; the EMA cannot pair them")
+        if id(t) in t_local:
+            local_t.append(t)
+            local_s.append(s.detach())
+        else:
+            full_names.add(name)
+    if local_t:
+        torch._foreach_mul_(local_t, momentum)
+        torch._foreach_add_(local_t, local_s, alpha=1.0 - momentum)
+    if full_names:
+        with FSDP.summon_full_params(root, recurse=False, writeback=True):
+            # Parameters fetched again here: inside the context they are the unsharded views.
+            full_t = [p for n, p in teacher.named_parameters() if n in full_names]
+            full_s = [p.detach() for n, p in student.named_parameters() if n in full_names]
+            torch._foreach_mul_(full_t, momentum)
+            torch._foreach_add_(full_t, full_s, alpha=1.0 - momentum)
+
+
+def clip_sharded_grad_norm_(parameters, max_norm: float, group, device: torch.device) -> torch.Tensor:
+    """`clip_grad_norm_` for gradients sharded across `group` (FSDP): every rank holds a disjoint part
+    of each gradient, so the norm is the root of the all-reduced sum of the local squared norms.
+    torch's clip_grad_norm_ on the local shards would clip each rank's part by its own, smaller norm."""
+    grads = [p.grad for p in parameters if p.grad is not None and p.grad.numel()]
+    sq = torch.zeros((), device=device, dtype=torch.float32)
+    if grads:
+        sq = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]).square().sum()
+    torch.distributed.all_reduce(sq, group=group)
+    total = sq.sqrt()
+    if grads:
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # torch's clip_grad_norm_ formula
+        torch._foreach_mul_(grads, coef.to(grads[0].device, grads[0].dtype))
+    return total
+
+
+@torch.no_grad()
+def init_missing_optimizer_state_(optimizer: torch.optim.Optimizer, params) -> None:
+    """Give each non-empty parameter in `params` that has no optimizer state the state Adam(W) creates at
+    its first update (step 0, zero moments; `step` modelled on a parameter that has one).
+
+    Under FSDP the frozen prototypes need it: FSDP's full optimizer state dict refuses a flat parameter
+    whose trainable members lack state ("... is not in the optimizer state", torch _optim_utils.py
+    `_convert_state_with_orig_params`), so any checkpoint in the frozen first epoch crashed. Adam(W)
+    skips parameters without gradient, so this state stays untouched until the prototypes are unfrozen
+    and their updates are those of lazily created state."""
+    ref = next((st for st in optimizer.state.values() if "step" in st), None)
+    if ref is None:
+        return
+    for p in params:
+        if p.numel() and not optimizer.state.get(p):
+            optimizer.state[p] = {k: torch.zeros_like(v) if k == "step" else torch.zeros_like(p) for k, v in ref.items()}
+
+
 class DINOv2Module(L.LightningModule):
     def __init__(self, config: dict, global_batch: int | None = None):
         super().__init__()
@@ -135,8 +209,21 @@ class DINOv2Module(L.LightningModule):
         """Clip each student submodule (backbone, heads) separately, as DINOv2 does."""
         clip = self.cfg["optim"]["clip_grad"]
         if clip and clip > 0:
+            root = self._fsdp_root()
             for module in self.student.values():
-                torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
+                if root is None:
+                    torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
+                else:  # sharded gradients: the norm must be summed over ranks (FSDP's own clip is global)
+                    clip_sharded_grad_norm_(module.parameters(), clip, root.process_group, self.device)
+
+    def _fsdp_root(self) -> nn.Module | None:
+        """The FSDP unit wrapping this module when a Trainer runs it under FSDP, else None."""
+        if self._trainer is None:
+            return None
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        model = self._trainer.strategy.model
+        return model if isinstance(model, FSDP) else None
 
     def on_before_optimizer_step(self, optimizer):
         if self.global_step < self.freeze_last_layer_steps:  # prototypes frozen in the first epoch
@@ -150,7 +237,15 @@ class DINOv2Module(L.LightningModule):
         callback runs before the module's batch-end hook: a checkpoint must hold the updated teacher."""
         step = self.global_step
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        ema_update_(self.teacher, self.student, self.schedules.at(step)["momentum"])
+        momentum = self.schedules.at(step)["momentum"]
+        root = self._fsdp_root()
+        if root is None:
+            ema_update_(self.teacher, self.student, momentum)
+        else:
+            fsdp_ema_update_(self.teacher, self.student, momentum, root)
+            if step < self.freeze_last_layer_steps:
+                frozen = [p for name, p in self.student.named_parameters() if "last_layer" in name]
+                init_missing_optimizer_state_(getattr(optimizer, "optimizer", optimizer), frozen)
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.strategies import FSDPStrategy
 
 from fm.augment import MultiCropTransform
 from fm.config import dump
@@ -30,12 +31,94 @@ class PretrainResult:
     module: DINOv2Module
 
 
+class BlockFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDPStrategy, plus FSDP on CPU processes (gloo) so the FSDP path can be tested on a
+    machine without GPUs. Lightning refuses accelerator="cpu" only for the exact FSDPStrategy type
+    (accelerator_connector `_check_strategy_and_fallback`) and passes `device_id=root_device.index`,
+    which is None on CPU; torch's FSDP then looks for an accelerator and raises "FSDP needs a non-CPU
+    accelerator device" (torch/distributed/fsdp/_init_utils.py `_init_device_handle`). On CPU we wrap
+    with `device_id=cpu` ourselves; on GPUs nothing differs from FSDPStrategy."""
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.root_device.type == "cpu":
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            model = FullyShardedDataParallel(
+                module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
+                sharding_strategy=self.sharding_strategy, device_id=self.root_device, **self.kwargs,
+            )
+            self.kwargs.pop("auto_wrap_policy", None)  # applied above; the base class would warn about it
+        return super()._setup_model(model)
+
+    def optimizer_state(self, optimizer) -> dict:
+        """On CPU, the full optimizer state without `offload_to_cpu`. torch's FSDP gathers every state
+        (exp_avg, exp_avg_sq) into one reused buffer and, with offload_to_cpu, keeps `value.cpu()` instead
+        of a clone (_optim_utils.py `_unflatten_orig_param_states`); on CPU that is the buffer itself, so
+        every state in the checkpoint came out equal to the last one gathered. On GPUs `.cpu()` copies."""
+        if self.root_device.type != "cpu" or self._state_dict_type != "full":
+            return super().optimizer_state(optimizer)
+        from torch.distributed.fsdp import (
+            FullOptimStateDictConfig,
+            FullStateDictConfig,
+            OptimStateKeyType,
+            StateDictType,
+        )
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the torch one
+        with FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=True),
+                                  FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True)):
+            state = FSDP.optim_state_dict(self.model, optimizer)
+            if self.global_rank == 0:  # the layout Lightning stores (keyed by parameter id)
+                state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model)
+            return state
+
+
+def unwrap_fsdp(trainer: L.Trainer) -> None:
+    """After FSDP training, give the LightningModule its full parameters and plain submodules on every rank
+    (collective: all ranks must call it). Under FSDP each parameter is a view of this rank's shard (1-D,
+    often empty) and nested units gather the full state only collectively, so the rank-0 export
+    (`module.teacher["backbone"].state_dict()`) would write shards or hang, and evaluating
+    `result.module` (as every rank does after DDP) would fail. Costs one full copy of the parameters
+    per rank, as DDP holds; the module is then a plain one and must not go back into the Trainer."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    module = trainer.lightning_module
+    full: list[tuple[torch.nn.Module, str, torch.Tensor, bool]] = []
+    with FSDP.summon_full_params(trainer.strategy.model, writeback=False):
+        for owner in module.modules():
+            if not isinstance(owner, FSDP):
+                full += [(owner, n, p.detach().clone(), p.requires_grad) for n, p in owner.named_parameters(recurse=False)]
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, FSDP):
+                parent._modules[name] = child.module
+    for owner, name, tensor, requires_grad in full:
+        owner._parameters[name] = torch.nn.Parameter(tensor, requires_grad=requires_grad)
+
+
+def fsdp_unit(module: torch.nn.Module) -> bool | dict:
+    """FSDP wrap policy: one unit per ViT Block. Frozen blocks (the EMA teacher's, which never run backward)
+    reshard after forward (FULL_SHARD). Under SHARD_GRAD_OP the gathered parameters of a unit are freed only
+    in its backward hook; for the teacher that never fires, and FSDP1 then reuses the still-allocated gathered
+    copy instead of gathering again: the teacher kept computing with (and checkpointing) the weights of its
+    first forward while the EMA went into its shards (seen on 2 CPU processes: teacher blocks unchanged after
+    4 steps; pytorch/pytorch#117742). The student keeps SHARD_GRAD_OP."""
+    from timm.models.vision_transformer import Block
+    from torch.distributed.fsdp import ShardingStrategy
+
+    if not isinstance(module, Block):
+        return False
+    if any(p.requires_grad for p in module.parameters()):
+        return True
+    return {"sharding_strategy": ShardingStrategy.FULL_SHARD}
+
+
 def _strategy(name: str):
     if name == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
-        from timm.models.vision_transformer import Block
+        from torch.distributed.fsdp.wrap import CustomPolicy
 
-        return FSDPStrategy(auto_wrap_policy={Block}, sharding_strategy="SHARD_GRAD_OP")
+        return BlockFSDPStrategy(auto_wrap_policy=CustomPolicy(fsdp_unit), sharding_strategy="SHARD_GRAD_OP")
     if name == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
@@ -134,6 +217,8 @@ def fit_pretraining(
             use_distributed_sampler=False, deterministic=False, num_sanity_val_steps=0,
         )
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+        if isinstance(trainer.strategy, FSDPStrategy):
+            unwrap_fsdp(trainer)
         export_path = out / "export" / "teacher.safetensors"
         if trainer.is_global_zero:
             (out / "config.yaml").write_text(dump(cfg))
