@@ -2,8 +2,11 @@
 
 `CohortTiles` gives every tile of every slide one global index, in slide order; a plain sequential
 DataLoader over it then hands out batches that cross slide boundaries, decoded by all workers in
-parallel, so there is no per-slide loader start-up or tail. Each worker keeps a small LRU of open
-slides (consecutive batches of one worker mostly hit the same slide). A tile that cannot be read does
+parallel, so there is no per-slide loader start-up or tail. Batches are taken in the order they are
+ready, not the order they were sent (`in_order=False`): a batch that is slow to decode (a slide file
+cold on network storage, a huge first open) holds up only its own worker, and the device goes on with
+the other workers' batches. Each worker keeps a small LRU of open slides (consecutive batches of one
+worker mostly hit the same slide). A tile that cannot be read does
 not raise inside the worker (that would kill the whole loader): it comes back as a blank tile with
 the reason, the caller fails that slide, and the worker remembers the slide as bad so its other tiles
 cost nothing.
@@ -161,9 +164,11 @@ def embed_stream(
     on_rows: Callable[[int, int, np.ndarray], None] = lambda *a: None,
     on_error: Callable[[int, str], None] = lambda *a: None,
     stats: StreamStats | None = None,
+    in_order: bool = False,
 ) -> StreamStats:
-    """Embed every tile of `dataset` in order; `on_rows(slide, first_row, features)` gets each batch's
-    run of rows per slide, `on_error(slide, reason)` each unreadable slide. Returns (and adds to
+    """Embed every tile of `dataset`; `on_rows(slide, first_row, features)` gets each batch's run of rows
+    per slide, `on_error(slide, reason)` each unreadable slide. Batches come as they are decoded, so a
+    slide's rows may arrive out of order (`in_order=True`: in order, one slow batch stalls the stream). Returns (and adds to
     `stats`, if given, so a caller that stops halfway still has them) where the time went.
 
     The features of batch k are copied device -> pinned host memory asynchronously and handed over
@@ -177,7 +182,7 @@ def embed_stream(
     # batch the workers have ready (up to workers x prefetch x 38 MB for 256 tiles), and torch's host
     # allocator keeps that peak for the rest of the run. The copy (~10 ms) overlaps the device's work.
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
-                        prefetch_factor=PREFETCH if workers else None)
+                        prefetch_factor=PREFETCH if workers else None, in_order=in_order)
     pending, waited = None, time.perf_counter()
     try:
         with WorkerDeathGuard(iter(loader)) as batches:  # a dead worker raises from the wait, nowhere else

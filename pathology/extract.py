@@ -1,10 +1,11 @@
 """`fm-extract pathology`: tile features of whole cohorts into one `<slide_id>.h5` per slide.
 
-Speed: one DataLoader streams the tiles of MANY slides in slide order (workers decode JPEG tiles in
-parallel, batches cross slide boundaries), so the GPU never waits at the end of a slide; the device
-output of batch k is copied to pinned host memory while batch k+1 runs. Each slide's rows go straight
-into its temporary file, which is renamed into place once its last tile is embedded: memory does not
-grow with slide size, and a killed run keeps every finished slide.
+Speed: one DataLoader streams the tiles of MANY slides (workers decode JPEG tiles in parallel, batches
+cross slide boundaries), so the GPU never waits at the end of a slide; batches are taken as they are
+decoded, so a slow slide (a cold file on network storage) holds up only the worker reading it; the
+device output of batch k is copied to pinned host memory while batch k+1 runs. Each slide's rows go
+straight to their place in its temporary file, which is renamed into place once its last tile is
+embedded: memory does not grow with slide size, and a killed run keeps every finished slide.
 
 Safety: slides are sharded over processes (`--shard i/n`, or RANK/WORLD_SIZE under torchrun, one
 process per GPU), each output has a lock, finished files are skipped on a rerun (same encoder,
@@ -222,8 +223,10 @@ def encoder_attrs(encoder: FeatureEncoder, tile_px: int, target_mpp: float) -> d
 
 
 def _in_flight(todo: list[int], jobs: list[SlideJob], writers: dict, finished: set, window: int) -> list[int]:
-    """Unfinished slides the loader may have been reading: those within `window` tiles (what the
-    workers prefetch) of the first row not yet written."""
+    """Unfinished slides the loader may have been reading: those holding the first `window` unwritten
+    rows in cohort order. Batches are dispatched in order and at most `window` tiles are out at once;
+    each batch that came back was written, so the ones still out are the first unwritten rows, even
+    when batches come back out of order."""
     suspects = []
     for p in todo:
         if p in finished:
@@ -276,8 +279,6 @@ def extract_cohort(records: list[SlideRecord], tiles_dir: str | os.PathLike, out
             job.started = time.perf_counter()
             writers[pos] = FeatureFileWriter(job.out_path, job.n_tiles, encoder.dim, dtype)
         writer = writers[pos]
-        if start_row != writer.filled:
-            raise RuntimeError(f"{job.record.slide_id}: tile rows arrived out of order")
         try:
             writer.write_rows(start_row, features)
             if writer.filled == job.n_tiles:

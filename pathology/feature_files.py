@@ -7,7 +7,9 @@ preprocessing, feature kind, code version), so an evaluation can refuse to mix e
 can tell a finished file of the same extraction from a stale one.
 
 A file is written row block by row block into a temporary file while its slide is being embedded
-(memory stays O(batch), whatever the slide size) and renamed into place only when complete.
+(memory stays O(batch), whatever the slide size) and renamed into place only when complete. Blocks
+may come in any order (the extraction stream hands batches over as they are decoded); each lands at
+its rows, so the file is the same whatever the order.
 """
 
 from __future__ import annotations
@@ -112,10 +114,12 @@ def feature_file_state(path: Path, n_tiles: int, fingerprint: Mapping[str, str])
 
 
 class FeatureFileWriter:
-    """Fill `<out>.h5` block by block in a temporary file; `commit()` renames it into place."""
+    """Fill `<out>.h5` block by block, in any order, in a temporary file; `commit()` renames it into
+    place. `filled` counts the rows written; a row written twice is refused (it would hide a lost one)."""
 
     def __init__(self, path: Path, n_tiles: int, dim: int, dtype: str, chunk_rows: int = 1024):
         self.path, self.n_tiles, self.filled, self.closed = path, n_tiles, 0, False
+        self._written = np.zeros(n_tiles, dtype=bool)
         self._atomic: AbstractContextManager = atomic_path(path)
         tmp = self._atomic.__enter__()
         try:
@@ -128,7 +132,13 @@ class FeatureFileWriter:
             raise
 
     def write_rows(self, start: int, rows: np.ndarray) -> None:
-        self._features[start : start + len(rows)] = rows.astype(self._features.dtype, copy=False)
+        stop = start + len(rows)
+        if start < 0 or stop > self.n_tiles:
+            raise ValueError(f"{self.path}: rows {start}..{stop - 1} outside the slide's {self.n_tiles} tiles")
+        if self._written[start:stop].any():
+            raise ValueError(f"{self.path}: rows {start}..{stop - 1} written twice")
+        self._features[start:stop] = rows.astype(self._features.dtype, copy=False)
+        self._written[start:stop] = True
         self.filled += len(rows)
 
     def commit(self, coords: np.ndarray, coords_attrs: Mapping, attrs: Mapping) -> None:

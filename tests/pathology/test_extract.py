@@ -237,3 +237,45 @@ def test_cpu_forward_leaves_the_workers_their_cores(cmu_cohort, tiny_hf, tmp_pat
     assert table["status"].tolist() == ["ok"]
     assert seen and set(seen) == {5}
     assert torch.get_num_threads() == before
+
+
+def test_rows_decoded_out_of_order_give_the_same_files(cmu_cohort, tiny_hf, tmp_path, monkeypatch):
+    """A slide whose first tiles are slow to read (cold storage): the other worker's batches, later rows
+    of that slide among them, are embedded and written first; the files equal an in-order run's."""
+    import time
+
+    from torch.utils.data import get_worker_info
+
+    from pathology import cohort_tiles, feature_files
+
+    records, tiles = cmu_cohort
+    reference_dir = tmp_path / "reference"
+    extract_cohort(records, tiles, reference_dir, FeatureEncoder(str(tiny_hf), device="cpu"), batch_size=16, workers=0)
+    slow = tmp_path / "slow.svs"
+    slow.symlink_to(records[0].slide_path)
+    original_read, original_write, writes = cohort_tiles.read_tile_view, feature_files.FeatureFileWriter.write_rows, []
+
+    def read_tile_view(slide, x, y, *args):
+        worker = get_worker_info()
+        if slide.path.name == "slow.svs" and worker.id == 0 and not getattr(read_tile_view, "stalled", False):
+            read_tile_view.stalled = True  # worker 0 (the first batch), once: a cold slide file
+            time.sleep(2.0)
+        return original_read(slide, x, y, *args)
+
+    def write_rows(self, start, rows):
+        writes.append((self.path.stem, start))
+        original_write(self, start, rows)
+
+    monkeypatch.setattr(cohort_tiles, "read_tile_view", read_tile_view)  # inherited by the forked workers
+    monkeypatch.setattr(feature_files.FeatureFileWriter, "write_rows", write_rows)
+    cohort = [SlideRecord("cmu-0", slow, "P0", "test"), *records[1:]]
+    table = extract_cohort(cohort, tiles, tmp_path / "out", FeatureEncoder(str(tiny_hf), device="cpu"),
+                           batch_size=16, workers=2)
+    assert table["status"].tolist() == ["ok"] * 3
+    first_of_slow = [start for stem, start in writes if stem == "cmu-0"][0]
+    assert first_of_slow > 0, f"the stalled rows should have been written last: {writes}"
+    out, reference = _files(tmp_path / "out"), _files(reference_dir)
+    assert sorted(out) == sorted(reference)
+    for sid in reference:
+        np.testing.assert_allclose(out[sid][0].astype(np.float32), reference[sid][0].astype(np.float32), atol=2e-3)
+        assert np.array_equal(out[sid][1], reference[sid][1])
