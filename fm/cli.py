@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from fm.config import ConfigError, dump, resolve_config
 from fm.domains import Command, Domain, load_domains
+from fm.termination import TERMINATED, exit_on_sigterm
 
 
 class UserError(Exception):
@@ -103,6 +104,7 @@ def invoke(verb: str, argv: Sequence[str] | None = None):
 
 
 def _run(verb: str, argv: Sequence[str] | None) -> int:
+    exit_on_sigterm()  # a killed job still releases its locks and writes its manifest
     try:
         invoke(verb, argv)
     except (UserError, ConfigError, ValueError, KeyError, FileNotFoundError) as e:
@@ -111,6 +113,11 @@ def _run(verb: str, argv: Sequence[str] | None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"fm-{verb}: error: {msg}\n(set FM_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
+    except SystemExit as e:
+        if e.code == TERMINATED:
+            print(f"fm-{verb}: terminated (SIGTERM): finished outputs are kept; run the same command again to "
+                  "resume", file=sys.stderr)
+        raise
     return 0
 
 

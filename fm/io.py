@@ -12,6 +12,7 @@ import contextlib
 import os
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,9 +20,24 @@ from pathlib import Path
 TMP_MARK = ".tmp-"
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask can only be read by setting it, which
+    would race with threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds. The
+    result gets the permissions of a plainly created file (0o666 minus the umask), not the owner-only
+    0o600 of a temporary: on a shared cluster, the lab must be able to read the features."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f"{TMP_MARK}{path.name}.", dir=path.parent)
@@ -29,6 +45,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -65,15 +82,81 @@ def remove_stale_temporaries(path: str | os.PathLike, found: dict[str, list[Path
     return len(stale)
 
 
+def _seconds_from_env(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def _alive_file(directory: Path, host: str, pid: str | int) -> Path:
+    return directory / f".alive-{host}-{pid}"
+
+
+class _Heartbeat(threading.Thread):
+    """Once a `period`, touches one `.alive-<host>-<pid>` file in each folder where this process holds
+    locks, so another node can tell a live holder (a fresh file) from a dead job or node (its pid cannot
+    be checked from there). One file per folder, not per lock: a shard holds 10k slide locks, and
+    touching each every minute would load a network file system for nothing."""
+
+    def __init__(self, period: float):
+        super().__init__(name="fm-lock-heartbeat", daemon=True)
+        self.period, self.mutex = period, threading.Lock()
+        self.held: dict[Path, set[Path]] = {}  # folder -> locks held there
+
+    def run(self) -> None:
+        while True:
+            time.sleep(self.period)
+            with self.mutex:
+                folders = list(self.held)
+            for folder in folders:
+                with contextlib.suppress(OSError):
+                    os.utime(_alive_file(folder, socket.gethostname(), os.getpid()))
+
+    def update(self, lock: Path, held: bool) -> None:
+        alive = _alive_file(lock.parent, socket.gethostname(), os.getpid())
+        with self.mutex:
+            locks = self.held.setdefault(lock.parent, set())
+            (locks.add if held else locks.discard)(lock)
+            if held and len(locks) == 1:
+                with contextlib.suppress(OSError):
+                    alive.touch()
+            elif not locks:
+                del self.held[lock.parent]
+                alive.unlink(missing_ok=True)
+
+
+_heartbeat: _Heartbeat | None = None
+_heartbeat_pid = 0
+
+
+def _beat(lock: Path, held: bool) -> None:
+    global _heartbeat, _heartbeat_pid
+    if _heartbeat is None or _heartbeat_pid != os.getpid():  # a forked child has no thread: start its own
+        _heartbeat = _Heartbeat(_seconds_from_env("FM_LOCK_HEARTBEAT_S", 60.0))
+        _heartbeat_pid = os.getpid()
+        _heartbeat.start()
+    _heartbeat.update(lock, held)
+
+
 class ItemLock:
-    """Exclusive-create lock file `<path>.lock` holding `host:pid`; stale locks of dead local pids are broken.
+    """Exclusive-create lock file `<path>.lock` holding `host:pid:since`.
 
     Use as `with ItemLock(p) as got: if got: ...`. `got` is False when another live process holds it.
+    A stale lock is broken: on this host, when its pid is gone; from another host, when its holder has
+    shown no sign of life (it touches a `.alive-<host>-<pid>` file beside its locks every minute) for
+    `$FM_LOCK_STALE_S` seconds (default 900), e.g. a SLURM job killed with SIGKILL or a node that died. Two processes breaking the same stale
+    lock at the same instant may both get the item: that costs a duplicate, never a corrupt output
+    (outputs are renamed into place whole).
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(str(path) + ".lock")
         self.acquired = False
+
+    @staticmethod
+    def stale_after() -> float:
+        return _seconds_from_env("FM_LOCK_STALE_S", 900.0)
 
     def acquire(self) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,16 +171,31 @@ class ItemLock:
             with os.fdopen(fd, "w") as f:
                 f.write(f"{socket.gethostname()}:{os.getpid()}:{time.time():.0f}\n")
             self.acquired = True
+            _beat(self.path, held=True)
             return True
         return False
 
-    def _is_stale(self) -> bool:
+    def _read(self) -> tuple[str, str, float, float] | None:
+        """(host, pid, since, seconds since its last sign of life), or None while unreadable."""
         try:
-            host, pid, *_ = self.path.read_text().strip().split(":")
+            host, pid, since = self.path.read_text().strip().split(":")[:3]
+            last = self.path.stat().st_mtime
         except (OSError, ValueError):
+            return None
+        with contextlib.suppress(OSError):
+            last = max(last, _alive_file(self.path.parent, host, pid).stat().st_mtime)
+        return host, pid, float(since), time.time() - last
+
+    def _is_stale(self) -> bool:
+        held = self._read()
+        if held is None:
             return False  # being written right now, or unreadable: do not break it
-        if host != socket.gethostname():
-            return False  # another node's lock: cannot check its pid
+        host, pid, _, silent_s = held
+        if host != socket.gethostname():  # another node's pid cannot be checked from here: go by its heartbeat
+            if silent_s <= self.stale_after():
+                return False
+            _alive_file(self.path.parent, host, pid).unlink(missing_ok=True)
+            return True
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
@@ -107,18 +205,22 @@ class ItemLock:
         return False
 
     def holder(self) -> str:
-        """Who holds the lock, for messages: a lock left by a dead process on another node is not
-        broken automatically (its pid cannot be checked from here), so say where it is."""
-        try:
-            host, pid, since = self.path.read_text().strip().split(":")[:3]
-            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(since)))
-            who = f"process {pid} on {host} since {when}"
-        except (OSError, ValueError):
-            who = "another process"
-        return f"{who}; lock file {self.path} (delete it if that process is gone)"
+        """Who holds the lock, for messages (and when a lock from another node will be broken)."""
+        held = self._read()
+        if held is None:
+            return f"another process; lock file {self.path}"
+        host, pid, since, silent_s = held
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(since))
+        who = f"process {pid} on {host} since {when}"
+        if host == socket.gethostname():
+            return f"{who}; lock file {self.path}"
+        return (f"{who}, last sign of life {silent_s / 60:.0f} min ago; lock file {self.path} (broken "
+                f"automatically after {self.stale_after() / 60:.0f} min without one; delete it sooner if that "
+                f"process is gone)")
 
     def release(self) -> None:
         if self.acquired:
+            _beat(self.path, held=False)
             self.path.unlink(missing_ok=True)
             self.acquired = False
 
