@@ -31,6 +31,10 @@ def _listing(items: Sequence[str]) -> str:
     return shown + (f", ... and {len(items) - _LISTED} more" if len(items) > _LISTED else "")
 
 
+def _text(value):
+    return value.decode() if isinstance(value, bytes) else value
+
+
 class FeatureBank:
     """Per-slide features `(N_i, D)` stored packed as one `(T, D)` array with row offsets."""
 
@@ -119,8 +123,8 @@ class FeatureBank:
     ) -> FeatureBank:
         """Read `<directory>/<slide_id>.h5` files (`features` (N, D), `coords`, attribute `encoder`).
 
-        All files must come from one encoder (`encoder`, or else the most common one); the error names
-        the files that differ. With `pack_dir`, the packed array is written there as a memory-mapped
+        All files must come from one encoder (by weights hash where recorded, else by name); the error
+        names the files that differ. `encoder` names the bank (default: the files' encoder). With `pack_dir`, the packed array is written there as a memory-mapped
         `.npy` and reused by later calls while the source files are unchanged.
         """
         import h5py
@@ -144,25 +148,30 @@ class FeatureBank:
                 f"{len(missing)} slide(s) have no feature file in {directory}: {_listing(missing)}"
             )
 
-        shapes, encoders, has_coords, problems = {}, {}, True, []
+        shapes, encoders, weights, has_coords, problems = {}, {}, {}, True, []
         for sid, path in paths.items():
             try:
                 with h5py.File(path, "r") as f:
                     shapes[sid] = f["features"].shape
-                    encoders[sid] = f.attrs.get("encoder", f["features"].attrs.get("encoder"))
+                    encoders[sid] = _text(f.attrs.get("encoder", f["features"].attrs.get("encoder")))
+                    weights[sid] = _text(f.attrs.get("encoder_weights_sha256"))
                     has_coords &= "coords" in f
             except (OSError, KeyError) as err:
                 problems.append(f"{path.name} ({err})")
         if problems:
             raise ValueError(f"unreadable feature files in {directory}: {_listing(problems)}")
-        encoders = {s: (e.decode() if isinstance(e, bytes) else e) for s, e in encoders.items()}
-        expected = encoder if encoder is not None else Counter(encoders.values()).most_common(1)[0][0]
-        foreign = [f"{paths[s].name} (encoder={e!r})" for s, e in encoders.items() if e != expected]
+        # one encoder = one weights file by content where the files record its hash (the same weights
+        # staged at another path are the same encoder), else by name (CLAM / TRIDENT files)
+        identity = {s: weights[s] if weights[s] not in (None, "", "none") else encoders[s] for s in ids}
+        expected = Counter(identity.values()).most_common(1)[0][0]
+        foreign = [f"{paths[s].name} (encoder={encoders[s]!r})" for s in ids if identity[s] != expected]
         if foreign:
+            common = next(encoders[s] for s in ids if identity[s] == expected)
             raise ValueError(
-                f"{len(foreign)} feature file(s) in {directory} come from another encoder than {expected!r}: "
+                f"{len(foreign)} feature file(s) in {directory} come from another encoder than {common!r}: "
                 f"{_listing(foreign)}"
             )
+        expected = encoder if encoder is not None else next(encoders[s] for s in ids if identity[s] == expected)
         bad = [f"{paths[s].name} {shape}" for s, shape in shapes.items() if len(shape) != 2 or shape[0] == 0]
         dims = Counter(shape[1] for shape in shapes.values() if len(shape) == 2)
         main_dim = dims.most_common(1)[0][0] if dims else 0

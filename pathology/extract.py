@@ -11,46 +11,48 @@ Safety: slides are sharded over processes (`--shard i/n`, or RANK/WORLD_SIZE und
 process per GPU), each output has a lock, finished files are skipped on a rerun (same encoder,
 weights hash, feature kind and preprocessing), and a bad slide is recorded in
 `<output-dir>/extract_manifest.csv` with its reason while the others go on (`--fail-fast` stops).
-Slides that are not tiled yet are tiled first with the tiling defaults (or --tile-px/--target-mpp/
---min-tissue), so the command works on a fresh cohort.
+Slides that are not tiled yet are tiled first (at the setting of the tiles already there, else the
+tiling defaults, or --tile-px/--target-mpp/--min-tissue), so the command works on a fresh or grown
+cohort; which slides to run is planned in `pathology.extract_plan`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from fm.cli import UserError
 from fm.host import available_cores, fix_mmap_threshold, intra_op_threads
-from fm.io import ItemLock, remove_stale_temporaries, stale_temporaries
 from fm.registry import load_encoder
 from pathology.cohort_tiles import PREFETCH, CohortTiles, StreamStats, collate_tiles, embed_stream
 from pathology.cohorts import SlideRecord
 from pathology.domain import FEATURE_KINDS
-from pathology.feature_files import FeatureFileWriter, code_version, feature_file_state, weights_sha256
+from pathology.extract_plan import SlideJob, plan_extraction, shard_of
+from pathology.feature_files import (
+    FeatureFileWriter,
+    weights_sha256,
+)
 from pathology.tile_dataset import SlideTiles
 from pathology.tiling import (
-    COORDS_NAME,
     FAILED,
     LOCKED,
     OK,
-    OK_EMPTY,
-    SKIPPED_DONE,
     _write_manifest,
     read_coords,
 )
 
 MANIFEST_NAME = "extract_manifest.csv"
+
+
+class FailFast(UserError):
+    """`--fail-fast` stopped the run at a bad slide (shown as one line, not a traceback)."""
 
 
 class FeatureEncoder:
@@ -105,123 +107,6 @@ class FeatureEncoder:
         return feats.float()
 
 
-@dataclass
-class SlideJob:
-    record: SlideRecord
-    coords_path: Path
-    out_path: Path
-    n_tiles: int
-    slide_mpp: float
-    lock: ItemLock | None = None
-    started: float = 0.0
-    extra: dict = field(default_factory=dict)
-
-    def row(self, status: str, reason: str = "", seconds: float = 0.0) -> dict:
-        r = self.record
-        return dict(slide_id=r.slide_id, patient_id=r.patient_id, slide_path=str(r.slide_path), status=status,
-                    reason=reason, n_tiles=self.n_tiles, seconds=round(seconds, 3), mpp=self.slide_mpp)
-
-
-def _record_row(record: SlideRecord, status: str, reason: str, n_tiles: int = 0) -> dict:
-    return dict(slide_id=record.slide_id, patient_id=record.patient_id, slide_path=str(record.slide_path),
-                status=status, reason=reason, n_tiles=n_tiles, seconds=0.0, mpp=record.mpp)
-
-
-def shard_of(records: list[SlideRecord], shard: str | None) -> list[SlideRecord]:
-    """Slides of shard `i/n` (sorted ids, every n-th); without `shard`, RANK/WORLD_SIZE (torchrun) decide."""
-    if shard is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        shard = f"{os.environ.get('RANK', os.environ.get('LOCAL_RANK', '0'))}/{os.environ['WORLD_SIZE']}"
-    if shard is None:
-        return records
-    try:
-        index, count = (int(v) for v in shard.split("/"))
-    except ValueError:
-        raise ValueError(f"--shard {shard!r}: expected INDEX/COUNT, e.g. 0/4") from None
-    if not 0 <= index < count:
-        raise ValueError(f"--shard {shard!r}: INDEX must be in 0..COUNT-1")
-    return sorted(records, key=lambda r: r.slide_id)[index::count]
-
-
-def _tile_missing(records: list[SlideRecord], tiles_dir: Path, tiling: dict) -> dict[str, str]:
-    """Tile slides without coords.h5; returns slide_id -> reason for those that could not be tiled."""
-    missing = [r for r in records if not (tiles_dir / r.slide_id / COORDS_NAME).is_file()]
-    if not missing:
-        return {}
-    from pathology.tiling import tile_cohort, tiling_defaults
-    from pathology.tissue import TissueParams
-
-    params = {**tiling_defaults(), **{k: v for k, v in tiling.items() if v is not None}}
-    print(f"tiling {len(missing)} slide(s) first into {tiles_dir} ({params['tile_px']} px at {params['target_mpp']} um/px)")
-    table = tile_cohort(missing, tiles_dir, tile_px=params["tile_px"], target_mpp=params["target_mpp"],
-                        min_tissue=params["min_tissue"], workers=params["workers"],
-                        tissue_params=TissueParams(**params["tissue"]))
-    return {row.slide_id: f"tiling {row.status}: {row.reason}" for row in table.itertuples()
-            if row.status not in (OK, OK_EMPTY, SKIPPED_DONE)}
-
-
-def plan_extraction(records: list[SlideRecord], tiles_dir: Path, output_dir: Path, encoder: FeatureEncoder,
-                    overwrite: bool = False, tiling: dict | None = None) -> tuple[list[SlideJob], list[dict], dict]:
-    """(jobs to run, with their locks held; manifest rows of slides not run; file attributes common to all)."""
-    not_tiled = _tile_missing(records, tiles_dir, tiling or {})
-    rows, found = [], []
-    for record in records:
-        coords_path = tiles_dir / record.slide_id / COORDS_NAME
-        if record.slide_id in not_tiled or not coords_path.is_file():
-            rows.append(_record_row(record, FAILED, not_tiled.get(record.slide_id, f"{coords_path} missing")))
-            continue
-        try:
-            with h5py.File(coords_path, "r") as f:
-                coords = f["coords"]  # only the attributes used here: reading all costs 3x as much
-                n, attrs = int(coords.shape[0]), {k: coords.attrs[k] for k in ("patch_size", "target_mpp", "slide_mpp")}
-            found.append((record, coords_path, n, attrs))
-        except (OSError, KeyError) as err:
-            rows.append(_record_row(record, FAILED, f"{coords_path}: unreadable tiling output ({err})"))
-    if not found:
-        return [], rows, {}
-    settings = Counter((int(a["patch_size"]), float(a["target_mpp"])) for _, _, _, a in found)
-    tile_px, target_mpp = settings.most_common(1)[0][0]
-    common = {**encoder_attrs(encoder, tile_px, target_mpp), "patch_size": tile_px, "target_mpp": target_mpp}
-    fingerprint = {k: common[k] for k in ("encoder", "encoder_weights_sha256", "feature", "preprocessing")}
-    jobs, stale = [], stale_temporaries(output_dir)
-    for record, coords_path, n, attrs in found:
-        if (int(attrs["patch_size"]), float(attrs["target_mpp"])) != (tile_px, target_mpp):
-            rows.append(_record_row(record, FAILED, f"{coords_path}: tiled at {attrs['patch_size']} px, "
-                                    f"{attrs['target_mpp']} um/px; the cohort's other slides at {tile_px} px, "
-                                    f"{target_mpp} um/px: one extraction needs one tile setting (re-tile it)", n))
-            continue
-        job = SlideJob(record, coords_path, output_dir / f"{record.slide_id}.h5", n, float(attrs["slide_mpp"]))
-        if n == 0:
-            rows.append(job.row(OK_EMPTY, "no tissue tiles: no feature file"))
-            continue
-        state = "missing" if overwrite else feature_file_state(job.out_path, n, fingerprint)
-        if state == "complete":
-            rows.append(job.row(SKIPPED_DONE, "features already extracted"))
-            continue
-        if state.startswith("conflict"):
-            rows.append(job.row(FAILED, state.split(": ", 1)[1]))
-            continue
-        job.lock = ItemLock(job.out_path)
-        if not job.lock.acquire():
-            rows.append(job.row(LOCKED, f"being extracted by {job.lock.holder()}"))
-            continue
-        if not overwrite and feature_file_state(job.out_path, n, fingerprint) == "complete":
-            job.lock.release()  # finished by another process between the check and the lock
-            rows.append(job.row(SKIPPED_DONE, "features already extracted"))
-            continue
-        remove_stale_temporaries(job.out_path, stale)
-        jobs.append(job)
-    return jobs, rows, common
-
-
-def encoder_attrs(encoder: FeatureEncoder, tile_px: int, target_mpp: float) -> dict:
-    """File attributes describing the extraction (identical for every slide of a run)."""
-    return dict(encoder=encoder.name, encoder_weights_sha256=encoder.weights_sha256,
-                encoder_weights_file=str(encoder.weights_path or ""), checkpoint_format=encoder.checkpoint_format,
-                feature=encoder.feature, feature_dim=encoder.dim,
-                preprocessing=json.dumps(encoder.preprocessing(tile_px, target_mpp), sort_keys=True),
-                code_version=code_version())
-
-
 def _in_flight(todo: list[int], jobs: list[SlideJob], writers: dict, finished: set, window: int) -> list[int]:
     """Unfinished slides the loader may have been reading: those holding the first `window` unwritten
     rows in cohort order. Batches are dispatched in order and at most `window` tiles are out at once;
@@ -255,6 +140,16 @@ def extract_cohort(records: list[SlideRecord], tiles_dir: str | os.PathLike, out
     tiles_dir, output_dir = Path(tiles_dir), Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     jobs, rows, common = plan_extraction(records, tiles_dir, output_dir, encoder, overwrite, tiling)
+    for row in rows:
+        if row["status"] in (FAILED, LOCKED):
+            print(f"  {row['status'].upper()} {row['slide_id']}: {row['reason']}")
+    failed = [row for row in rows if row["status"] == FAILED]
+    if fail_fast and failed:
+        for job in jobs:
+            job.lock.release()
+        _write_manifest(output_dir / MANIFEST_NAME, rows)
+        raise FailFast(f"--fail-fast: slide {failed[0]['slide_id']} failed: {failed[0]['reason']} "
+                       f"(manifest: {output_dir / MANIFEST_NAME})")
     writers: dict[int, FeatureFileWriter] = {}
     finished: set[int] = set()
     stats = StreamStats()
@@ -269,7 +164,8 @@ def extract_cohort(records: list[SlideRecord], tiles_dir: str | os.PathLike, out
         rows.append(jobs[pos].row(FAILED, reason, time.perf_counter() - (jobs[pos].started or time.perf_counter())))
         print(f"  FAILED {jobs[pos].record.slide_id}: {reason}")
         if fail_fast:
-            raise RuntimeError(f"--fail-fast: slide {jobs[pos].record.slide_id} failed: {reason}")
+            raise FailFast(f"--fail-fast: slide {jobs[pos].record.slide_id} failed: {reason} "
+                           f"(manifest: {output_dir / MANIFEST_NAME})")
 
     def consume(pos: int, start_row: int, features: np.ndarray) -> None:
         job = jobs[pos]

@@ -26,7 +26,7 @@ import numpy as np
 
 from fm.io import atomic_path, atomic_write_text
 
-FINGERPRINT_ATTRS = ("encoder", "encoder_weights_sha256", "feature", "preprocessing")
+FINGERPRINT_ATTRS = ("encoder", "encoder_weights_sha256", "feature", "preprocessing")  # read to compare
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
 
@@ -91,8 +91,28 @@ def read_features(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict
         return f["features"][:], f["coords"][:].astype(np.int64), {k: _plain(v) for k, v in f.attrs.items()}
 
 
+def extraction_fingerprint(attrs: Mapping) -> dict[str, str]:
+    """What feature files must share to be used together (and a finished file to be kept by a rerun):
+    the weights by content, the feature kind and the preprocessing. The weights file's path is not
+    compared: the same file staged to node-local disk, or moved, is the same encoder. An encoder with
+    no weights file (random weights) goes by its name."""
+    sha = str(_plain(attrs.get("encoder_weights_sha256")) or "")
+    weights = sha if sha not in ("", "none") else f"(no weights file) {_plain(attrs.get('encoder'))}"
+    return {"weights": weights, "feature": str(_plain(attrs.get("feature"))),
+            "preprocessing": str(_plain(attrs.get("preprocessing")))}
+
+
+def fingerprint_difference(theirs: Mapping, ours: Mapping, ours_name: str = "this run") -> str:
+    """`key='theirs' (<ours_name>: 'ours')` for each differing part of two attribute sets, encoders named."""
+    a, b = extraction_fingerprint(theirs), extraction_fingerprint(ours)
+    parts = [f"{k}={a[k]!r} ({ours_name}: {b[k]!r})" for k in a if a[k] != b[k]]
+    if a["weights"] != b["weights"]:
+        parts[0] += f" [encoder {_plain(theirs.get('encoder'))!r} vs {_plain(ours.get('encoder'))!r}]"
+    return ", ".join(parts)
+
+
 def feature_file_state(path: Path, n_tiles: int, fingerprint: Mapping[str, str]) -> str:
-    """`missing`, `complete` (same extraction, all rows), `incomplete` (unreadable or short: redo) or
+    """(`fingerprint`: this run's FINGERPRINT_ATTRS) `missing`, `complete` (same extraction, all rows), `incomplete` (unreadable or short: redo) or
     `conflict: <why>` (a finished file from another encoder/preprocessing: never silently replaced)."""
     if not path.exists():
         return "missing"
@@ -104,9 +124,8 @@ def feature_file_state(path: Path, n_tiles: int, fingerprint: Mapping[str, str])
         return "incomplete"
     if n_features != n_coords or attrs["n_tiles"] is None or int(attrs["n_tiles"]) != n_features:
         return "incomplete"
-    differ = [k for k in FINGERPRINT_ATTRS if str(attrs[k]) != str(fingerprint[k])]
-    if differ:
-        shown = ", ".join(f"{k}={attrs[k]!r} (this run: {fingerprint[k]!r})" for k in differ)
+    if extraction_fingerprint(attrs) != extraction_fingerprint(fingerprint):
+        shown = fingerprint_difference(attrs, fingerprint)
         return f"conflict: {path} holds other features: {shown}; pass --overwrite or use another --output-dir"
     if n_features != n_tiles:
         return f"conflict: {path} has {n_features} tiles but the tiling now has {n_tiles}; pass --overwrite"

@@ -7,6 +7,7 @@ files in the exact layout `fm-extract` writes, with features that carry a chosen
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -48,12 +49,14 @@ def write_feature_files(
     labels: dict[str, int],
     patients: dict[str, str] | None = None,
     encoder: str = "tiny-encoder",
+    weights_sha256: str | None = None,
     dim: int = 8,
     tiles: int = 12,
     signal: float = 2.0,
     seed: int = 0,
 ) -> dict[str, Path]:
-    """One feature file per slide; tiles of class-k slides are shifted by `signal` along axis k."""
+    """One feature file per slide; tiles of class-k slides are shifted by `signal` along axis k. The
+    weights hash defaults to one derived from the encoder's name (another name: other weights)."""
     rng = np.random.default_rng(seed)
     paths = {}
     for i, (slide_id, label) in enumerate(labels.items()):
@@ -63,7 +66,8 @@ def write_feature_files(
         path = directory / f"{slide_id}.h5"
         writer = FeatureFileWriter(path, tiles, dim, "float16")
         writer.write_rows(0, features)
-        attrs = dict(encoder=encoder, encoder_weights_sha256="0" * 64, feature="cls", n_tiles=tiles,
+        sha = weights_sha256 or hashlib.sha256(encoder.encode()).hexdigest()
+        attrs = dict(encoder=encoder, encoder_weights_sha256=sha, feature="cls", n_tiles=tiles,
                      preprocessing=json.dumps({"tile_px": 224}), slide_id=slide_id,
                      patient_id=(patients or {}).get(slide_id, slide_id), project="", cohort="test")
         writer.commit(coords, {"patch_size": 224, "level0_width": 4096}, attrs)

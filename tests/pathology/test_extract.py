@@ -16,7 +16,7 @@ import pytest
 from data_features import hf_reference_cls, save_tiny_hf_encoder
 
 from pathology.cohorts import SlideRecord
-from pathology.extract import MANIFEST_NAME, FeatureEncoder, extract_cohort, shard_of
+from pathology.extract import MANIFEST_NAME, FailFast, FeatureEncoder, extract_cohort, shard_of
 from pathology.feature_files import read_features, weights_sha256
 from pathology.tiling import read_coords, tile_cohort
 
@@ -139,8 +139,61 @@ def test_bad_slide_is_recorded_and_the_rest_continue(cmu_cohort, tiny_hf, tmp_pa
     manifest = (tmp_path / "out" / MANIFEST_NAME).read_text()
     assert "cmu-1,P1" in manifest and "failed" in manifest
     assert not list((tmp_path / "out").glob(".tmp-*")) and not list((tmp_path / "out").glob("*.lock"))
-    with pytest.raises(RuntimeError, match="fail-fast.*cmu-1"):
+    with pytest.raises(FailFast, match="fail-fast.*cmu-1"):
         extract_cohort(cohort, tiles, tmp_path / "out2", encoder, workers=0, fail_fast=True)
+
+
+def test_fail_fast_stops_at_a_slide_that_cannot_even_be_tiled(cmu_slide, tiny_hf, tmp_path, capsys):
+    """A file that is not a slide fails in planning (tiling), before any embedding: --fail-fast stops
+    there too, with one line on the CLI, the manifest written and no lock left; without it, the other
+    slides go on and the failure is printed."""
+    from fm.cli import extract_main
+
+    not_a_slide = tmp_path / "notes.svs"
+    not_a_slide.write_text("this is not a slide")
+    cohort = tmp_path / "cohort.csv"
+    cohort.write_text(f"slide_path,slide_id,patient_id\n{cmu_slide},good,P0\n{not_a_slide},bad,P1\n")
+    argv = ["pathology", "--cohorts", f"csv:{cohort}", "--tiles-dir", str(tmp_path / "tiles"), "--encoder",
+            str(tiny_hf), "--workers", "0", "--tile-px", "64", "--target-mpp", "2.0", "--device", "cpu"]
+    assert extract_main([*argv, "--output-dir", str(tmp_path / "ff"), "--fail-fast"]) == 2
+    err = capsys.readouterr().err
+    assert "fm-extract: error: --fail-fast: slide bad failed: tiling failed" in err and "Traceback" not in err
+    assert not list((tmp_path / "ff").glob("*.h5")) and not list((tmp_path / "ff").glob("*.lock"))
+    assert "bad,P1" in (tmp_path / "ff" / MANIFEST_NAME).read_text()
+    assert extract_main([*argv, "--output-dir", str(tmp_path / "go-on")]) == 0
+    assert "FAILED bad: tiling failed" in capsys.readouterr().out
+    assert [p.name for p in (tmp_path / "go-on").glob("*.h5")] == ["good.h5"]
+
+
+def test_a_grown_cohort_keeps_the_tile_setting_of_its_tiles(cmu_slide, tiny_hf, tmp_path):
+    """Slides added to a cohort are tiled at the setting the tiles folder already has, not the defaults,
+    so a rerun without the tiling flags neither strands the finished slides nor mixes two settings."""
+    encoder = FeatureEncoder(str(tiny_hf), device="cpu")
+    tiles, out = tmp_path / "tiles", tmp_path / "features"
+    first = [SlideRecord("a", cmu_slide, "P0", "test")]
+    table = extract_cohort(first, tiles, out, encoder, workers=0, tiling=dict(tile_px=64, target_mpp=2.0))
+    assert table["status"].tolist() == ["ok"]
+    grown = [*first, SlideRecord("b", cmu_slide, "P1", "test")]
+    table = extract_cohort(grown, tiles, out, encoder, workers=0, tiling=dict(tile_px=None, target_mpp=None))
+    assert dict(zip(table["slide_id"], table["status"])) == {"a": "skipped_done", "b": "ok"}
+    assert read_coords(tiles / "b" / "coords.h5")[1]["patch_size"] == 64
+    # flags that contradict the tiles: the slides tiled otherwise fail, naming the flags and the fix
+    table = extract_cohort([*grown, SlideRecord("c", cmu_slide, "P2", "test")], tiles, tmp_path / "f2", encoder,
+                           workers=0, tiling=dict(tile_px=32))
+    reasons = dict(zip(table["slide_id"], table["reason"]))
+    assert dict(zip(table["slide_id"], table["status"]))["c"] == "ok"
+    assert "tiled at 64 px" in reasons["a"] and "uses 32 px" in reasons["a"] and "from --tile-px" in reasons["a"]
+
+
+def test_the_same_weights_moved_elsewhere_keep_the_finished_files(cmu_cohort, tiny_hf, tmp_path):
+    """Weights staged to node-local disk, or moved: same content, so a rerun keeps what is done."""
+    import shutil
+
+    records, tiles = cmu_cohort
+    extract_cohort(records[:1], tiles, tmp_path / "out", FeatureEncoder(str(tiny_hf), device="cpu"), workers=0)
+    moved = Path(shutil.copytree(tiny_hf, tmp_path / "staged" / "tiny-hf"))
+    table = extract_cohort(records[:1], tiles, tmp_path / "out", FeatureEncoder(str(moved), device="cpu"), workers=0)
+    assert table["status"].tolist() == ["skipped_done"]
 
 
 def test_a_crashing_reader_fails_only_its_own_slide(cmu_cohort, tiny_hf, tmp_path, monkeypatch):

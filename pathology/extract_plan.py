@@ -1,0 +1,187 @@
+"""What `fm-extract pathology` has to do: which slides to embed (locks taken), which are done, locked,
+in conflict or failed before any embedding, and the one tile setting of the run.
+
+The tile setting comes from the flags where given, else from the tiles already in the tiles folder
+(so a rerun, or a cohort that grew, keeps its setting), else from the tiling defaults; slides not
+tiled yet are tiled at it first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import h5py
+
+from fm.io import ItemLock, remove_stale_temporaries, stale_temporaries
+from pathology.cohorts import SlideRecord
+from pathology.feature_files import FINGERPRINT_ATTRS, code_version, feature_file_state
+from pathology.tiling import COORDS_NAME, FAILED, LOCKED, OK, OK_EMPTY, SKIPPED_DONE
+
+if TYPE_CHECKING:
+    from pathology.extract import FeatureEncoder
+
+
+@dataclass
+class SlideJob:
+    record: SlideRecord
+    coords_path: Path
+    out_path: Path
+    n_tiles: int
+    slide_mpp: float
+    lock: ItemLock | None = None
+    started: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def row(self, status: str, reason: str = "", seconds: float = 0.0) -> dict:
+        r = self.record
+        return dict(slide_id=r.slide_id, patient_id=r.patient_id, slide_path=str(r.slide_path), status=status,
+                    reason=reason, n_tiles=self.n_tiles, seconds=round(seconds, 3), mpp=self.slide_mpp)
+
+
+def _record_row(record: SlideRecord, status: str, reason: str, n_tiles: int = 0) -> dict:
+    return dict(slide_id=record.slide_id, patient_id=record.patient_id, slide_path=str(record.slide_path),
+                status=status, reason=reason, n_tiles=n_tiles, seconds=0.0, mpp=record.mpp)
+
+
+def shard_of(records: list[SlideRecord], shard: str | None) -> list[SlideRecord]:
+    """Slides of shard `i/n` (sorted ids, every n-th); without `shard`, RANK/WORLD_SIZE (torchrun) decide."""
+    if shard is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        shard = f"{os.environ.get('RANK', os.environ.get('LOCAL_RANK', '0'))}/{os.environ['WORLD_SIZE']}"
+    if shard is None:
+        return records
+    try:
+        index, count = (int(v) for v in shard.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {shard!r}: expected INDEX/COUNT, e.g. 0/4") from None
+    if not 0 <= index < count:
+        raise ValueError(f"--shard {shard!r}: INDEX must be in 0..COUNT-1")
+    return sorted(records, key=lambda r: r.slide_id)[index::count]
+
+
+def _coords_attrs(coords_path: Path) -> tuple[int, dict]:
+    with h5py.File(coords_path, "r") as f:
+        coords = f["coords"]  # only the attributes used here: reading all costs 3x as much
+        return int(coords.shape[0]), {k: coords.attrs[k] for k in ("patch_size", "target_mpp", "slide_mpp")}
+
+
+def _setting(attrs: dict) -> tuple[int, float]:
+    return int(attrs["patch_size"]), float(attrs["target_mpp"])
+
+
+def _tile_setting(found: dict, tiling: dict, tiles_dir: Path) -> tuple[tuple[int, float], str]:
+    """(tile px, target mpp) of this extraction and where it comes from: the flags where given, else
+    the tiles already in `tiles_dir` (a rerun or a grown cohort must not switch setting and strand the
+    finished slides), else the tiling defaults."""
+    from pathology.tiling import tiling_defaults
+
+    existing = Counter(_setting(attrs) for _, attrs in found.values()).most_common(1)
+    if existing:
+        base, source = existing[0][0], f"the tiles already in {tiles_dir}"
+    else:
+        defaults = tiling_defaults()
+        base, source = (int(defaults["tile_px"]), float(defaults["target_mpp"])), "the tiling defaults"
+    tile_px, target_mpp = tiling.get("tile_px"), tiling.get("target_mpp")
+    if tile_px is None and target_mpp is None:
+        return base, source
+    flags = " ".join(f for f, v in (("--tile-px", tile_px), ("--target-mpp", target_mpp)) if v is not None)
+    return (int(tile_px if tile_px is not None else base[0]),
+            float(target_mpp if target_mpp is not None else base[1])), flags
+
+
+def _tile_missing(missing: list[SlideRecord], tiles_dir: Path, tiling: dict,
+                  setting: tuple[int, float]) -> dict[str, str]:
+    """Tile slides without coords.h5 at `setting`; returns slide_id -> reason for those that failed."""
+    if not missing:
+        return {}
+    from pathology.tiling import tile_cohort, tiling_defaults
+    from pathology.tissue import TissueParams
+
+    params = {**tiling_defaults(), **{k: v for k, v in tiling.items() if v is not None}}
+    print(f"tiling {len(missing)} slide(s) first into {tiles_dir} ({setting[0]} px at {setting[1]} um/px)")
+    table = tile_cohort(missing, tiles_dir, tile_px=setting[0], target_mpp=setting[1],
+                        min_tissue=params["min_tissue"], workers=params["workers"],
+                        tissue_params=TissueParams(**params["tissue"]))
+    return {row.slide_id: f"tiling {row.status}: {row.reason}" for row in table.itertuples()
+            if row.status not in (OK, OK_EMPTY, SKIPPED_DONE)}
+
+
+def _read_tilings(records: list[SlideRecord], tiles_dir: Path, rows: list[dict]) -> dict:
+    """slide_id -> (n tiles, coords attributes) of the slides tiled in `tiles_dir`; an unreadable tiling
+    output becomes a FAILED row."""
+    found = {}
+    for record in records:
+        coords_path = tiles_dir / record.slide_id / COORDS_NAME
+        if not coords_path.is_file():
+            continue
+        try:
+            found[record.slide_id] = _coords_attrs(coords_path)
+        except (OSError, KeyError) as err:
+            rows.append(_record_row(record, FAILED, f"{coords_path}: unreadable tiling output ({err})"))
+    return found
+
+
+def plan_extraction(records: list[SlideRecord], tiles_dir: Path, output_dir: Path, encoder: FeatureEncoder,
+                    overwrite: bool = False, tiling: dict | None = None) -> tuple[list[SlideJob], list[dict], dict]:
+    """(jobs to run, with their locks held; manifest rows of slides not run; file attributes common to all)."""
+    tiling, rows = tiling or {}, []
+    found = _read_tilings(records, tiles_dir, rows)
+    (tile_px, target_mpp), source = _tile_setting(found, tiling, tiles_dir)
+    unreadable = {row["slide_id"] for row in rows}
+    missing = [r for r in records if r.slide_id not in found and r.slide_id not in unreadable]
+    not_tiled = _tile_missing(missing, tiles_dir, tiling, (tile_px, target_mpp))
+    found |= _read_tilings([r for r in missing if r.slide_id not in not_tiled], tiles_dir, rows)
+    recorded = {row["slide_id"] for row in rows}
+    for record in missing:
+        if record.slide_id not in found and record.slide_id not in recorded:
+            reason = not_tiled.get(record.slide_id, f"{tiles_dir / record.slide_id / COORDS_NAME} missing")
+            rows.append(_record_row(record, FAILED, reason))
+    if not found:
+        return [], rows, {}
+    common = {**encoder_attrs(encoder, tile_px, target_mpp), "patch_size": tile_px, "target_mpp": target_mpp}
+    fingerprint = {k: common[k] for k in FINGERPRINT_ATTRS}
+    jobs, stale = [], stale_temporaries(output_dir)
+    for record in (r for r in records if r.slide_id in found):
+        coords_path = tiles_dir / record.slide_id / COORDS_NAME
+        n, attrs = found[record.slide_id]
+        if _setting(attrs) != (tile_px, target_mpp):
+            rows.append(_record_row(record, FAILED, f"{coords_path}: tiled at {attrs['patch_size']} px, "
+                                    f"{attrs['target_mpp']} um/px, but this extraction uses {tile_px} px, "
+                                    f"{target_mpp} um/px (from {source}): one extraction needs one tile setting; "
+                                    f"re-tile it (fm-prepare pathology --overwrite) or use another --tiles-dir", n))
+            continue
+        job = SlideJob(record, coords_path, output_dir / f"{record.slide_id}.h5", n, float(attrs["slide_mpp"]))
+        if n == 0:
+            rows.append(job.row(OK_EMPTY, "no tissue tiles: no feature file"))
+            continue
+        state = "missing" if overwrite else feature_file_state(job.out_path, n, fingerprint)
+        if state == "complete":
+            rows.append(job.row(SKIPPED_DONE, "features already extracted"))
+            continue
+        if state.startswith("conflict"):
+            rows.append(job.row(FAILED, state.split(": ", 1)[1]))
+            continue
+        job.lock = ItemLock(job.out_path)
+        if not job.lock.acquire():
+            rows.append(job.row(LOCKED, f"being extracted by {job.lock.holder()}"))
+            continue
+        if not overwrite and feature_file_state(job.out_path, n, fingerprint) == "complete":
+            job.lock.release()  # finished by another process between the check and the lock
+            rows.append(job.row(SKIPPED_DONE, "features already extracted"))
+            continue
+        remove_stale_temporaries(job.out_path, stale)
+        jobs.append(job)
+    return jobs, rows, common
+
+
+def encoder_attrs(encoder: FeatureEncoder, tile_px: int, target_mpp: float) -> dict:
+    """File attributes describing the extraction (identical for every slide of a run)."""
+    return dict(encoder=encoder.name, encoder_weights_sha256=encoder.weights_sha256,
+                encoder_weights_file=str(encoder.weights_path or ""), checkpoint_format=encoder.checkpoint_format,
+                feature=encoder.feature, feature_dim=encoder.dim,
+                preprocessing=json.dumps(encoder.preprocessing(tile_px, target_mpp), sort_keys=True),
+                code_version=code_version())
