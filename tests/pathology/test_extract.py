@@ -6,6 +6,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -187,8 +188,6 @@ def test_a_grown_cohort_keeps_the_tile_setting_of_its_tiles(cmu_slide, tiny_hf, 
 
 def test_the_same_weights_moved_elsewhere_keep_the_finished_files(cmu_cohort, tiny_hf, tmp_path):
     """Weights staged to node-local disk, or moved: same content, so a rerun keeps what is done."""
-    import shutil
-
     records, tiles = cmu_cohort
     extract_cohort(records[:1], tiles, tmp_path / "out", FeatureEncoder(str(tiny_hf), device="cpu"), workers=0)
     moved = Path(shutil.copytree(tiny_hf, tmp_path / "staged" / "tiny-hf"))
@@ -332,3 +331,22 @@ def test_rows_decoded_out_of_order_give_the_same_files(cmu_cohort, tiny_hf, tmp_
     for sid in reference:
         np.testing.assert_allclose(out[sid][0].astype(np.float32), reference[sid][0].astype(np.float32), atol=2e-3)
         assert np.array_equal(out[sid][1], reference[sid][1])
+
+
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="torch.compile needs a C compiler on CPU")
+def test_compiled_encoder_pads_the_last_batch_and_matches_eager(cmu_cohort, tiny_hf, tmp_path):
+    """--compile runs one static batch shape: the last, partial batch is padded and its padding dropped."""
+    records, tiles = cmu_cohort
+    eager = extract_cohort(records[:1], tiles, tmp_path / "eager", FeatureEncoder(str(tiny_hf), device="cpu"),
+                           batch_size=20, workers=0)
+    compiled = FeatureEncoder(str(tiny_hf), device="cpu", compile_model=True)
+    calls = []
+    original = compiled.backbone.forward_tokens
+    compiled.backbone.forward_tokens = lambda x: calls.append(len(x)) or original(x)
+    table = extract_cohort(records[:1], tiles, tmp_path / "compiled", compiled, batch_size=20, workers=0)
+    n = int(table["n_tiles"].iloc[0])
+    assert n % 20 and eager["status"].tolist() == table["status"].tolist() == ["ok"]
+    assert set(calls) == {20}  # every call, the last included, at the one compiled batch size
+    a, b = read_features(tmp_path / "eager" / "cmu-0.h5"), read_features(tmp_path / "compiled" / "cmu-0.h5")
+    assert a[0].shape == b[0].shape == (n, compiled.dim)
+    np.testing.assert_allclose(b[0].astype(np.float32), a[0].astype(np.float32), atol=2e-3)
