@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from evaluation.mil_data import PACK_FEATURES, PACK_INDEX, FeatureBank
 from evaluation.mil_models import build_mil_model
 from evaluation.mil_protocol import run_mil_protocol
+from evaluation.mil_results import SINGLE_MODEL_LABEL
 
 PRESETS = {
     "cpu": dict(slides=200, tiles=500, dim=256, epochs=2, device="cpu"),
@@ -164,7 +165,7 @@ def main() -> None:
             f"({protocol_s / members:.2f} s per member, {1000 * protocol_s / steps:.1f} ms per lockstep step, "
             f"train+predict+CIs); "
             f"{split} ensemble AUC {results.summary[f'{split}/ensemble_auc']:.3f}, "
-            f"single-member mean {results.summary[f'{split}/single_auc']:.3f}"
+            f"single model ({SINGLE_MODEL_LABEL[split]}) {results.summary[f'{split}/single_auc']:.3f}"
         )
         if device.type == "cuda":
             print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")

@@ -2,25 +2,26 @@
 
 The Phikon-v2 protocol: frozen features, gated-attention MIL, up to 5,000 tiles sampled per slide,
 Adam lr 1e-3, 5 folds x 5 seeds = 25 members whose predicted probabilities are averaged on the test
-cohort. We report both the ensemble and the mean single-member metric (bootstrap 95 % CIs), so the
-gain of ensembling is visible, and the cross-validated out-of-fold metrics. Members are trained in
+cohort. We report both the ensemble and a single-model metric (bootstrap 95 % CIs), so the gain of
+ensembling is visible: on the test cohort the mean over the members, out of fold one seed's pooled
+k-fold predictions (averaged over the seeds), since each slide has one out-of-fold member per seed. Members are trained in
 lockstep (`StackedMIL`) from features held on the device, so a step has no disk I/O and no
-per-member Python work. MLflow logging is one thin function at the end (`log_mil_results`), so the
-protocol itself runs and is tested without a tracking store.
+per-member Python work. Settings and results live in `evaluation.mil_results`; figures and MLflow
+logging in `evaluation.mil_report`, applied at the end, so the protocol runs and is tested without a
+tracking store.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
 
 from evaluation.cv import CVSplit, check_labels, cv_splits
-from evaluation.metrics import balanced_accuracy, binary_auc, bootstrap_ci, multiclass_auc_ovr
+from evaluation.metrics import bootstrap_ci
 from evaluation.mil_data import BagSampler, FeatureBank
 from evaluation.mil_models import (
     LockstepTraining,
@@ -30,79 +31,7 @@ from evaluation.mil_models import (
     fit_lockstep,
     predict_lockstep,
 )
-from evaluation.reporting import format_ci, to_markdown
-
-
-@dataclass
-class MILConfig:
-    """Protocol settings; defaults follow Phikon-v2 where it states them (model, lr, tiles, folds, seeds)."""
-
-    model: str = "abmil"
-    model_kwargs: dict = field(default_factory=dict)
-    folds: int = 5
-    seeds: int = 5
-    epochs: int = 20
-    lr: float = 1e-3
-    weight_decay: float = 1e-5  # not stated by Phikon-v2; CLAM's Adam default
-    max_tiles: int | None = 5000  # instances sampled per bag per training step
-    eval_max_tiles: int | None = None  # None: predict from every tile
-    bag_batch_size: int = 1
-    early_stopping_patience: int | None = None  # on the member's validation fold (optimistic for CV metrics)
-    positive_class: object = None  # binary tasks: which label is "positive" (default: the larger sorted)
-    device: str = "auto"
-    amp: bool = True  # bf16 autocast on CUDA
-    parallel_models: int | None = None  # members per lockstep group; None = all at once
-    features_on_device: bool | None = None  # None: when they fit
-    eval_tile_budget: int = 500_000  # member x tile rows per prediction batch
-    n_boot: int = 1000
-    attention_slides: int = 3
-
-
-@dataclass
-class MILResults:
-    """Everything one protocol run produced; `predictions` rows align with `member_probs` axis 1."""
-
-    config: MILConfig
-    classes: list
-    runs: pd.DataFrame  # one row per member: seed, fold, sizes, epochs, val/test metrics
-    history: pd.DataFrame  # per member and epoch: train (and val) loss
-    predictions: pd.DataFrame  # slide_id, split, label, per-member and ensemble probabilities
-    member_probs: np.ndarray  # (M, n_slides, C); NaN for CV slides that were in a member's training set
-    ensemble_probs: np.ndarray  # (n_slides, C): test = mean of all members, CV = mean of out-of-fold members
-    summary: dict[str, float]
-    attention: dict[str, dict] = field(default_factory=dict)  # slide_id -> {"attention", "coords"}
-
-    @property
-    def primary_split(self) -> str:
-        return "test" if "test/ensemble_auc" in self.summary else "oof"
-
-    def _with_ci(self, key: str) -> str:
-        return format_ci(self.summary[key], self.summary[key + "_low"], self.summary[key + "_high"])
-
-    def to_markdown(self) -> str:
-        rows = []
-        for split in ("test", "oof"):
-            for metric in ("auc", "balanced_accuracy"):
-                key = f"{split}/ensemble_{metric}"
-                if key not in self.summary:
-                    continue
-                rows.append(
-                    {
-                        "split": split,
-                        "metric": metric,
-                        "ensemble (95% CI)": self._with_ci(key),
-                        "single member mean (95% CI)": self._with_ci(f"{split}/single_{metric}"),
-                        "ensemble gain": self.summary[f"{split}/ensemble_gain_{metric}"],
-                    }
-                )
-        cv = self.runs[["val_auc", "val_balanced_accuracy"]].agg(["mean", "std"]).T.reset_index()
-        cv.columns = ["per-member validation metric", "mean", "std"]
-        cfg = self.config
-        head = (
-            f"MIL protocol: {cfg.model}, {cfg.folds} folds x {cfg.seeds} seeds = {len(self.runs)} members, "
-            f"classes {self.classes}, {cfg.epochs} epochs, lr {cfg.lr}, max_tiles {cfg.max_tiles}\n\n"
-        )
-        return head + to_markdown(pd.DataFrame(rows)) + "\n" + to_markdown(cv)
+from evaluation.mil_results import METRICS, MILConfig, MILResults
 
 
 def run_mil_protocol(
@@ -165,10 +94,12 @@ def run_mil_protocol(
         [np.nanmean(member_probs[:, :n_cv], axis=0), member_probs[:, n_cv:].mean(axis=0)]
     )
     runs = _runs_table(splits, member_probs, y_cv, y_test, n_cv, history, timings)
-    summary = _summary(splits, member_probs, ensemble, y_cv, y_test, n_cv, runs, cfg)
+    notes: list[str] = []
+    summary = _summary(splits, member_probs, ensemble, y_cv, y_test, n_cv, runs, cfg, classes, notes)
     predictions = _predictions_table(labels, test, splits, classes, member_probs, ensemble)
     results = MILResults(
-        cfg, classes, runs, history.drop(columns="member"), predictions, member_probs, ensemble, summary
+        cfg, classes, runs, history.drop(columns="member"), predictions, member_probs, ensemble, summary,
+        notes=notes,
     )
     results.attention = _attention(results, stacks, group, bank, sampler, rows, splits, n_cv)
     return results
@@ -186,6 +117,9 @@ def _check_test(
     both = sorted(set(test["slide_id"]) & set(labels["slide_id"]))
     if both:
         raise ValueError(f"slides in both the CV labels and the test cohort: {both[:20]}")
+    if "patient_id" in test.columns:
+        test["patient_id"] = test["patient_id"].astype(str)
+        _check_patients_apart(test, labels)
     if "label" not in test.columns:
         return test, None
     unknown = sorted(set(test["label"].dropna()) - set(classes), key=str)
@@ -193,6 +127,27 @@ def _check_test(
         found = unknown or "empty labels"
         raise ValueError(f"test labels must be among the training classes {classes}; found {found}")
     return test, test["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+
+
+def _check_patients_apart(test: pd.DataFrame, labels: pd.DataFrame) -> None:
+    """A patient with slides in the CV and in the test cohort leaks: members trained on their tissue
+    would be scored on it. Refused, naming the patients and their slides on both sides."""
+    shared = sorted(set(test["patient_id"]) & set(labels["patient_id"]))
+    if not shared:
+        return
+
+    def slides(table: pd.DataFrame, patient: str) -> str:
+        return ", ".join(table.loc[table["patient_id"] == patient, "slide_id"].astype(str))
+
+    listed = [f"{p} (cv: {slides(labels, p)}; test: {slides(test, p)})" for p in shared[:_LISTED]]
+    more = f", ... and {len(shared) - _LISTED} more" if len(shared) > _LISTED else ""
+    raise ValueError(
+        f"{len(shared)} patient(s) have slides both in the CV labels and in the test cohort (patient leakage: "
+        f"put all of a patient's slides on one side): {', '.join(listed)}{more}"
+    )
+
+
+_LISTED = 20
 
 
 def _member_seed(split: CVSplit) -> int:
@@ -245,17 +200,6 @@ def _scores(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     return out
 
 
-def _auc(y: np.ndarray, probs: np.ndarray) -> float:
-    return binary_auc(y, probs[:, 1]) if probs.shape[1] == 2 else multiclass_auc_ovr(y, probs)
-
-
-def _balanced_accuracy(y: np.ndarray, probs: np.ndarray) -> float:
-    return balanced_accuracy(y, probs.argmax(1))
-
-
-METRICS = {"auc": _auc, "balanced_accuracy": _balanced_accuracy}
-
-
 def _runs_table(splits, member_probs, y_cv, y_test, n_cv, history, timings) -> pd.DataFrame:
     rows = []
     last = history.groupby("member").last()
@@ -277,12 +221,17 @@ def _runs_table(splits, member_probs, y_cv, y_test, n_cv, history, timings) -> p
     return pd.DataFrame(rows)
 
 
-def _summary(splits, member_probs, ensemble, y_cv, y_test, n_cv, runs, cfg) -> dict[str, float]:
-    """Ensemble vs mean single-member metrics with bootstrap CIs, on the test cohort and out-of-fold."""
+def _summary(splits, member_probs, ensemble, y_cv, y_test, n_cv, runs, cfg, classes, notes) -> dict[str, float]:
+    """Ensemble vs single-model metrics with bootstrap CIs, on the test cohort and out-of-fold.
+
+    Single model: on the test cohort the mean of the members' metrics; out of fold, one seed's k-fold
+    predictions pooled (a slide has one out-of-fold member per seed), metric averaged over the seeds.
+    Spreads over members are sample standard deviations (ddof=1). A point estimate that is defined is
+    kept when its bootstrap interval is not (`notes` says why)."""
     summary = {"n_members": len(splits), "n_cv_slides": n_cv, "n_test_slides": member_probs.shape[1] - n_cv}
     for metric in METRICS:
         summary[f"cv/val_{metric}_mean"] = float(runs[f"val_{metric}"].mean())
-        summary[f"cv/val_{metric}_std"] = float(runs[f"val_{metric}"].std(ddof=0))
+        summary[f"cv/val_{metric}_std"] = float(runs[f"val_{metric}"].std(ddof=1))
     seeds = sorted({s.seed for s in splits})
     per_seed_oof = np.stack(
         [
@@ -295,13 +244,23 @@ def _summary(splits, member_probs, ensemble, y_cv, y_test, n_cv, runs, cfg) -> d
     if y_test is not None:
         views["test"] = (y_test, ensemble[n_cv:], member_probs[:, n_cv:].transpose(1, 0, 2))
     for split, (y, ens, members) in views.items():
+        present = np.unique(y)
+        if len(present) < 2:
+            notes.append(
+                f"{split}: every one of the {len(y)} slides has the label {classes[int(present[0])]!r} (one class "
+                "only): AUC is undefined and no bootstrap CI is available; balanced accuracy is the recall "
+                "of that class"
+            )
         for metric, fn in METRICS.items():
 
             def mean_member(yy, ss, fn=fn):
-                return float(np.nanmean([_scores_one(fn, yy, ss[:, k]) for k in range(ss.shape[1])]))
+                values = [_scores_one(fn, yy, ss[:, k]) for k in range(ss.shape[1])]
+                return float(np.mean([v for v in values if np.isfinite(v)])) if np.isfinite(values).any() else np.nan
 
             point, low, high = _ci(fn, y, ens, cfg)
             s_point, s_low, s_high = _ci(mean_member, y, members, cfg)
+            if len(present) >= 2 and np.isfinite(point) and not np.isfinite(low):
+                notes.append(f"{split}: no bootstrap CI for {metric} (undefined on every resample)")
             summary.update(
                 {
                     f"{split}/ensemble_{metric}": point,
@@ -318,16 +277,21 @@ def _summary(splits, member_probs, ensemble, y_cv, y_test, n_cv, runs, cfg) -> d
 
 def _scores_one(fn, y, probs) -> float:
     try:
-        return fn(y, probs)
+        return float(fn(y, probs))
     except ValueError:
         return float("nan")
 
 
 def _ci(fn, y, scores, cfg) -> tuple[float, float, float]:
+    """(point, low, high); the point is kept where it is defined even if the interval is not."""
+    point = _scores_one(fn, y, scores)
+    if not np.isfinite(point) or len(np.unique(y)) < 2:  # one class: every resample has one class too
+        return point, float("nan"), float("nan")
     try:
-        return bootstrap_ci(fn, y, scores, n_boot=cfg.n_boot, seed=0, stratified=True)
+        _, low, high = bootstrap_ci(fn, y, scores, n_boot=cfg.n_boot, seed=0, stratified=True)
     except ValueError:
-        return float("nan"), float("nan"), float("nan")
+        return point, float("nan"), float("nan")
+    return point, low, high
 
 
 def _predictions_table(labels, test, splits, classes, member_probs, ensemble) -> pd.DataFrame:
@@ -350,6 +314,8 @@ def _predictions_table(labels, test, splits, classes, member_probs, ensemble) ->
         table[f"fold_seed{seed}"] = fold
     binary = len(classes) == 2
     table["pred"] = [classes[i] for i in ensemble.argmax(1)]
+    if binary:  # prob_ensemble and prob_seed*_fold* are the probability of this class
+        table["positive_class"] = classes[1]
     columns = {}
     for k, c in enumerate(classes):
         if binary and k == 0:
@@ -405,136 +371,3 @@ def _attention(results, stacks, group, bank, sampler, rows, splits, n_cv) -> dic
 
 
 # ---------------------------------------------------------------------------------------------- reporting
-
-
-def roc_figure(results: MILResults):
-    """ROC of the ensemble (bold) and of each member (faint) on the primary split, one panel per positive class."""
-    from matplotlib.figure import Figure
-    from sklearn.metrics import roc_curve
-
-    split = results.primary_split
-    rows = (results.predictions["split"] == ("test" if split == "test" else "cv")).to_numpy()
-    y = results.predictions.loc[rows, "label"].map({c: i for i, c in enumerate(results.classes)}).to_numpy()
-    positives = [1] if len(results.classes) == 2 else list(range(len(results.classes)))
-    fig = Figure(figsize=(4.5 * len(positives), 4.5))
-    for panel, k in enumerate(positives):
-        ax = fig.add_subplot(1, len(positives), panel + 1)
-        for member in results.member_probs[:, rows, k]:
-            kept = ~np.isnan(member)
-            if (y[kept] == k).any() and (y[kept] != k).any():
-                fpr, tpr, _ = roc_curve(y[kept] == k, member[kept])
-                ax.plot(fpr, tpr, color="tab:blue", alpha=0.15, lw=0.8)
-        fpr, tpr, _ = roc_curve(y == k, results.ensemble_probs[rows, k])
-        ax.plot(fpr, tpr, color="tab:red", lw=2, label="ensemble")
-        ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=0.8)
-        ax.set(
-            xlabel="false positive rate", ylabel="true positive rate", title=f"{split}: {results.classes[k]}"
-        )
-        ax.legend(loc="lower right")
-    return fig
-
-
-def attention_heatmap(
-    coords: np.ndarray,
-    attention: np.ndarray,
-    thumbnail: np.ndarray,
-    downsample: float,
-    tile_size: float | None = None,
-    cmap: str = "inferno",
-    alpha: float = 0.5,
-):
-    """Attention percentiles of tiles (level-0 top-left `coords`) drawn over a slide thumbnail.
-
-    `downsample` = level-0 pixels per thumbnail pixel; `tile_size` (level-0 pixels) defaults to the
-    smallest spacing between tile coordinates. Percentiles, not raw weights: softmax attention is
-    heavy-tailed, and ranks show where the model looks on every slide alike.
-    """
-    from matplotlib.figure import Figure
-
-    coords = np.asarray(coords, dtype=np.float64)
-    attention = np.asarray(attention, dtype=np.float64)
-    if coords.ndim != 2 or coords.shape[1] < 2 or len(coords) != len(attention):
-        raise ValueError(
-            f"coords {coords.shape} must be (N, 2) with one attention value each ({attention.shape})"
-        )
-    if tile_size is None:
-        steps = np.diff(np.unique(coords[:, 0]))
-        tile_size = float(steps.min()) if steps.size else 256.0
-    ranks = np.argsort(np.argsort(attention, kind="stable"), kind="stable") / max(len(attention) - 1, 1)
-    height, width = thumbnail.shape[:2]
-    overlay = np.full((height, width), np.nan)
-    side = max(1, int(round(tile_size / downsample)))
-    for (x, y), value in zip((coords[:, :2] / downsample).astype(int), ranks):
-        overlay[max(y, 0) : y + side, max(x, 0) : x + side] = value
-    fig = Figure(figsize=(8, 8 * height / max(width, 1) + 0.5))
-    ax = fig.add_subplot(1, 1, 1)
-    ax.imshow(thumbnail)
-    image = ax.imshow(np.ma.masked_invalid(overlay), cmap=cmap, alpha=alpha, vmin=0, vmax=1)
-    fig.colorbar(image, ax=ax, fraction=0.04, label="attention percentile")
-    ax.set_axis_off()
-    return fig
-
-
-def log_mil_results(
-    results: MILResults, run, thumbnails: dict | None = None, log_members: bool = True
-) -> None:
-    """Log a protocol run into an open `fm.tracking` run, with one child run per fold x seed member.
-
-    `thumbnails` maps slide_id -> (thumbnail array, downsample) for the attention heatmaps (the domain
-    that owns the slides provides them); attention values are logged as tables either way.
-    """
-    from fm.tracking import child_run
-
-    run.log_params(
-        {"mil": dataclasses.asdict(results.config), "mil_classes": [str(c) for c in results.classes]}
-    )
-    run.log_metrics({k: v for k, v in results.summary.items() if np.isfinite(v)})
-    run.log_table(results.runs, "mil_runs")
-    run.log_table(results.history, "mil_history")
-    run.log_table(results.predictions, "mil_predictions")
-    run.log_text(results.to_markdown(), "mil_summary.md")
-    run.log_figure(roc_figure(results), "mil_roc")
-    tables = []
-    for sid, item in results.attention.items():
-        table = pd.DataFrame({"slide_id": sid, "attention": item["attention"]})
-        if item["coords"] is not None:
-            table["x"], table["y"] = item["coords"][:, 0], item["coords"][:, 1]
-            if thumbnails and sid in thumbnails:
-                thumbnail, downsample = thumbnails[sid]
-                figure = attention_heatmap(item["coords"], item["attention"], thumbnail, downsample)
-                run.log_figure(figure, f"attention_{sid}", artifact_path="attention")
-        tables.append(table)
-    if tables:
-        run.log_table(pd.concat(tables, ignore_index=True), "mil_attention", artifact_path="attention")
-    if not log_members:
-        return
-    for row in results.runs.itertuples(index=False):
-        name = f"seed{row.seed}-fold{row.fold}"
-        with child_run(run, run_name=name, seed=row.seed, fold=row.fold) as child:
-            child.log_params({"seed": row.seed, "fold": row.fold, "n_train": row.n_train, "n_val": row.n_val})
-            values = {
-                k: v
-                for k, v in row._asdict().items()
-                if k not in ("seed", "fold", "train_loss") and np.isfinite(v)
-            }  # the curve has train_loss
-            child.log_metrics(values)
-            curves = results.history[
-                (results.history["seed"] == row.seed) & (results.history["fold"] == row.fold)
-            ]
-            _log_curves(child, curves)
-
-
-def _log_curves(run, curves: pd.DataFrame) -> None:
-    """Per-epoch losses of one member in a single batch (one store round trip instead of one per epoch)."""
-    from mlflow.entities import Metric
-
-    if not getattr(run, "enabled", False):
-        return
-    now = int(time.time() * 1000)
-    metrics = [
-        Metric(name, float(value), now, int(epoch))
-        for name in ("train_loss", "val_loss")
-        for epoch, value in zip(curves["epoch"], curves[name])
-        if np.isfinite(value)
-    ]
-    run.client.log_batch(run.run_id, metrics=metrics)

@@ -85,6 +85,31 @@ def add_extract_args(p: argparse.ArgumentParser) -> None:
 
 
 # -- fm-eval pathology <task> -----------------------------------------------------------------
+def _int_at_least(least: int):
+    """argparse type: an integer >= `least` (argparse names the flag in its error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {least}"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
 def _add_eval_args(p: argparse.ArgumentParser, task_name: str) -> None:
     if task_name == "csv":
         p.add_argument("table", help="task CSV: slide_id or patient_id, label [, fold] [, split=test rows]")
@@ -96,11 +121,12 @@ def _add_eval_args(p: argparse.ArgumentParser, task_name: str) -> None:
         p.add_argument("--labels", help="IDC/ILC labels: CSV with slide_id or patient_id, label (required)")
     p.add_argument("--output-dir", help="results go here (default fm-runs/eval/<task>)")
     p.add_argument("--model", default="abmil", choices=["abmil", "mean"], help="gated attention MIL or mean pooling")
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--max-tiles", type=int, default=5000, help="tiles sampled per slide per training step")
+    p.add_argument("--folds", type=_int_at_least(2), default=5, help="cross-validation folds (>= 2)")
+    p.add_argument("--seeds", type=_int_at_least(1), default=5, help="fold shuffles, each a set of folds (>= 1)")
+    p.add_argument("--epochs", type=_int_at_least(1), default=20)
+    p.add_argument("--lr", type=_positive_float, default=1e-3)
+    p.add_argument("--max-tiles", type=_int_at_least(1), default=5000,
+                   help="tiles sampled per slide per training step (>= 1)")
     p.add_argument("--device", default="auto")
     p.add_argument("--drop-missing", action="store_true", help="leave out labelled slides without features")
     p.add_argument("--experiment", default="fm-pathology-eval", help="MLflow experiment")

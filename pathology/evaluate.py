@@ -24,8 +24,15 @@ import numpy as np
 import pandas as pd
 
 from evaluation.mil_data import FeatureBank
-from evaluation.mil_protocol import MILConfig, MILResults, log_mil_results, run_mil_protocol
-from pathology.feature_files import FINGERPRINT_ATTRS, read_feature_attrs
+from evaluation.mil_protocol import run_mil_protocol
+from evaluation.mil_report import log_mil_results
+from evaluation.mil_results import MILConfig, MILResults, metric_description
+from pathology.feature_files import (
+    FINGERPRINT_ATTRS,
+    extraction_fingerprint,
+    fingerprint_difference,
+    read_feature_attrs,
+)
 from pathology.tasks import (
     BUILTIN_TASKS,
     DEFAULT_COHORT,
@@ -35,6 +42,7 @@ from pathology.tasks import (
     slide_table,
     slide_table_from_features,
     task_labels,
+    unreadable_feature_files,
 )
 
 THUMBNAIL_NAME = "thumbnail.png"
@@ -69,21 +77,34 @@ def check_features(task: Task, features_dir: Path, test_dir: Path | None, drop_m
     return task
 
 
-def check_same_extraction(paths: dict[str, Path]) -> dict:
-    """All files must come from one extraction (encoder, weights hash, feature kind, preprocessing);
-    a file from another encoder is refused, naming it. Returns the common attributes."""
-    attrs = {s: read_feature_attrs(p) for s, p in paths.items()}
-    keys = {s: tuple(str(a.get(k, "")) for k in FINGERPRINT_ATTRS) for s, a in attrs.items()}
-    common = Counter(keys.values()).most_common(1)[0][0]
-    odd = [s for s, key in keys.items() if key != common]
-    if odd:
-        def differs(s: str) -> str:
-            return ", ".join(f"{k}={v!r}" for k, v, c in zip(FINGERPRINT_ATTRS, keys[s], common) if v != c)
+def _read_all_attrs(paths: dict[str, Path]) -> dict[str, dict]:
+    """Attributes of every file; unreadable files (truncated copy, interrupted write) are one error
+    naming them all, never a traceback."""
+    attrs, unreadable = {}, []
+    for s, p in paths.items():
+        try:
+            attrs[s] = read_feature_attrs(p)
+        except (OSError, RuntimeError) as err:
+            unreadable.append((p, str(err)))
+    if unreadable:
+        raise unreadable_feature_files(unreadable)
+    return attrs
 
+
+def check_same_extraction(paths: dict[str, Path]) -> dict:
+    """All files must come from one extraction (weights by content, feature kind, preprocessing); a file
+    from another encoder is refused, naming it. Returns the common attributes (FINGERPRINT_ATTRS)."""
+    attrs = _read_all_attrs(paths)
+    keys = {s: tuple(extraction_fingerprint(a).values()) for s, a in attrs.items()}
+    common_key = Counter(keys.values()).most_common(1)[0][0]
+    common = next(attrs[s] for s, key in keys.items() if key == common_key)
+    odd = [s for s, key in keys.items() if key != common_key]
+    if odd:
+        shown = _show(f"{paths[s]} ({fingerprint_difference(attrs[s], common, 'the others')})" for s in odd)
         raise ValueError(f"{len(odd)} feature file(s) come from another extraction than the other "
-                         f"{len(keys) - len(odd)} (encoder {common[0]!r}, feature {common[2]!r}): "
-                         f"{_show(f'{paths[s]} ({differs(s)})' for s in odd)}")
-    return dict(zip(FINGERPRINT_ATTRS, common))
+                         f"{len(keys) - len(odd)} (encoder {common.get('encoder')!r}, feature "
+                         f"{common.get('feature')!r}): {shown}")
+    return {k: common.get(k, "") for k in FINGERPRINT_ATTRS}
 
 
 def load_bank(task: Task, features_dir: Path, test_dir: Path | None) -> tuple[FeatureBank, dict]:
@@ -137,8 +158,8 @@ def results_table(results: MILResults) -> pd.DataFrame:
         if key.endswith(("_low", "_high")):
             continue
         rows.append({"metric": key, "value": value, "ci_low": results.summary.get(f"{key}_low", np.nan),
-                     "ci_high": results.summary.get(f"{key}_high", np.nan)})
-    return pd.DataFrame(rows, columns=["metric", "value", "ci_low", "ci_high"])
+                     "ci_high": results.summary.get(f"{key}_high", np.nan), "description": metric_description(key)})
+    return pd.DataFrame(rows, columns=["metric", "value", "ci_low", "ci_high", "description"])
 
 
 def evaluate_task(task: Task, features_dir, output_dir, test_features_dir=None, config: MILConfig | None = None,
@@ -158,7 +179,9 @@ def evaluate_task(task: Task, features_dir, output_dir, test_features_dir=None, 
     paths = _feature_paths(task.labels["slide_id"], features_dir)
     if task.test is not None:
         paths |= _feature_paths(task.test["slide_id"], test_dir or features_dir)
-    test = task.test[["slide_id", "label"] if "label" in task.test.columns else ["slide_id"]] if task.test is not None else None
+    test = None
+    if task.test is not None:  # patient ids go along: leakage is checked by patient, and predictions.csv keeps them
+        test = task.test[[c for c in ("slide_id", "patient_id", "label") if c in task.test.columns]]
     results = run_mil_protocol(bank, task.labels, test, config)
 
     out = Path(output_dir)
@@ -171,8 +194,8 @@ def evaluate_task(task: Task, features_dir, output_dir, test_features_dir=None, 
               f"weights sha256 {common['encoder_weights_sha256'][:12]}), {len(task.labels)} labelled slides "
               f"({task.level}-level labels, {task.labels['patient_id'].nunique()} patients), "
               f"{0 if task.test is None else len(task.test)} external test slides\n\n")
-    notes = "".join(f"- {n}\n" for n in task.notes)
-    markdown = header + results.to_markdown() + ("\n\nNotes:\n" + notes if notes else "") + "\n"
+    notes = "".join(f"- {n}\n" for n in task.notes + results.notes)
+    markdown = header + results.to_markdown(notes=False) + ("\nNotes:\n" + notes if notes else "")
     (out / "summary.md").write_text(markdown)
 
     name = run_name or f"{task.name}-{Path(str(common['encoder'])).name}-{config.model}"
@@ -206,6 +229,9 @@ def run_eval(args: argparse.Namespace, task_name: str) -> dict:
     """`fm-eval pathology <task_name>` (its flags: pathology.domain._add_eval_args)."""
     name = f"csv:{args.table}" if task_name == "csv" else task_name
     features_dir = Path(args.features_dir)
+    for flag, directory in (("--features-dir", args.features_dir), ("--test-features-dir", args.test_features_dir)):
+        if directory and not Path(directory).is_dir():  # before anything is read from it
+            raise FileNotFoundError(f"feature directory {directory} does not exist ({flag})")
     task = build_task(name, _slides_for(args, task_name, features_dir), getattr(args, "labels", None))
     if args.test_labels or (args.test_features_dir and task.test is None):
         test_dir = Path(args.test_features_dir or args.features_dir)
@@ -213,7 +239,13 @@ def run_eval(args: argparse.Namespace, task_name: str) -> dict:
         if args.test_labels:
             rows, _, notes = task_labels(f"csv:{args.test_labels}", test_slides)
         elif task_name in BUILTIN_TASKS and task_name != "demo":
-            rows, _, notes = task_labels(name, test_slides, getattr(args, "labels", None))
+            try:
+                rows, _, notes = task_labels(name, test_slides, getattr(args, "labels", None), external=True)
+            except TaskError as err:
+                if "--test-labels" in str(err):
+                    raise
+                raise TaskError(f"external cohort {test_dir}: {err}; label it with --test-labels CSV "
+                                "(slide_id or patient_id, label)") from err
         else:
             rows, notes = test_slides[["slide_id", "patient_id"]], ["external cohort without labels: predictions only"]
         task.test = rows[[c for c in ("slide_id", "patient_id", "label") if c in rows.columns]]

@@ -65,20 +65,36 @@ def slide_table(records: list[SlideRecord]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=None if rows else ["slide_id", "patient_id", "project", "cohort"])
 
 
+def unreadable_feature_files(problems: list[tuple[Path, str]]) -> TaskError:
+    """The error for feature files that cannot be read (truncated by an interrupted copy, not HDF5):
+    they are never silently left out, since a labelled slide would vanish from the task."""
+    shown = _show(str(path) for path, _ in problems)
+    return TaskError(f"{len(problems)} feature file(s) cannot be read ({problems[0][1]}): {shown}; re-extract "
+                     "them (rerun fm-extract with the same --output-dir: it redoes unreadable files), or delete "
+                     "them and pass --drop-missing to leave those slides out")
+
+
 def slide_table_from_features(features_dir: str | os.PathLike) -> pd.DataFrame:
     """The slides of a feature folder, from the attributes `fm-extract` writes (patient, project, cohort);
-    files written elsewhere get the patient from a TCGA barcode in the name, else their own id."""
-    rows = []
-    for path in sorted(Path(features_dir).glob("*.h5")):
+    files written elsewhere get the patient from a TCGA barcode in the name, else their own id.
+    An unreadable file is an error naming it (its slide would otherwise drop out of the task unseen)."""
+    directory = Path(features_dir)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"feature directory {directory} does not exist")
+    rows, unreadable = [], []
+    for path in sorted(directory.glob("*.h5")):
         try:
             with h5py.File(path, "r") as f:
                 attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-        except OSError:
-            attrs = {}
+        except (OSError, RuntimeError) as err:
+            unreadable.append((path, str(err)))
+            continue
         barcode = parse_tcga_barcode(path.stem)
         patient = attrs.get("patient_id") or (barcode["patient_id"] if barcode else path.stem)
         rows.append({"slide_id": path.stem, "patient_id": str(patient), "project": str(attrs.get("project", "")),
                      "cohort": str(attrs.get("cohort", ""))})
+    if unreadable:
+        raise unreadable_feature_files(unreadable)
     return pd.DataFrame(rows, columns=["slide_id", "patient_id", "project", "cohort"])
 
 
@@ -144,18 +160,30 @@ def _diagnostic_tumour(rows: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     return kept, len(rows) - len(kept)
 
 
-def _nsclc(slides: pd.DataFrame) -> tuple[pd.DataFrame, str, list[str]]:
+def _nsclc(slides: pd.DataFrame, external: bool = False) -> tuple[pd.DataFrame, str, list[str]]:
     projects = slides.get("project", pd.Series("", index=slides.index)).fillna("").astype(str).str.upper()
     if not projects.str.len().any():
+        if external:
+            raise TaskError("tcga-nsclc: the external cohort's slides carry no TCGA project to label them by; "
+                            "pass --test-labels CSV (slide_id or patient_id, label LUAD or LUSC)")
         raise TaskError("tcga-nsclc: the slides carry no TCGA project; pass --cohorts tcga --data-root DIR (the "
                         "project comes from TCGA-LUAD/ TCGA-LUSC/ folders or a GDC manifest), or extract the "
                         "features with fm-extract from such a cohort (it records the project)")
     rows = slides.assign(label=projects.map(NSCLC_PROJECTS))
+    notes = []
+    unlabelled = slides.loc[projects == "", "slide_id"].tolist()
+    if unlabelled:
+        notes.append(f"{len(unlabelled)} slide(s) without a TCGA project left out (no LUAD/LUSC label): "
+                     f"{_show(unlabelled)}")
+    others = projects[(projects != "") & rows["label"].isna()].value_counts()
+    if len(others):
+        notes.append(f"{int(others.sum())} slide(s) of other projects left out: "
+                     f"{_show(f'{k} ({v})' for k, v in others.items())}")
     rows = rows[rows["label"].notna()][["slide_id", "patient_id", "label"]]
     if rows.empty:
         raise TaskError(f"tcga-nsclc: no slide of TCGA-LUAD or TCGA-LUSC; projects found: {_show(sorted(set(projects)))}")
     rows, dropped = _diagnostic_tumour(rows)
-    notes = [f"{dropped} frozen-section or normal-tissue slide(s) left out (diagnostic tumour slides only)"] * bool(dropped)
+    notes += [f"{dropped} frozen-section or normal-tissue slide(s) left out (diagnostic tumour slides only)"] * bool(dropped)
     return rows.reset_index(drop=True), "patient", notes
 
 
@@ -193,10 +221,12 @@ def _demo(slides: pd.DataFrame) -> tuple[pd.DataFrame, str, list[str]]:
     return rows.reset_index(drop=True), "slide", []
 
 
-def task_labels(name: str, slides: pd.DataFrame, labels_csv=None) -> tuple[pd.DataFrame, str, list[str]]:
-    """(slide-level label rows, level, notes) of task `name` over the slides in `slides`."""
+def task_labels(name: str, slides: pd.DataFrame, labels_csv=None,
+                external: bool = False) -> tuple[pd.DataFrame, str, list[str]]:
+    """(slide-level label rows, level, notes) of task `name` over the slides in `slides`; `external`:
+    they are an external test cohort (errors then point at --test-labels)."""
     if name == "tcga-nsclc":
-        return _nsclc(slides)
+        return _nsclc(slides, external)
     if name == "tcga-brca":
         return _brca(slides, labels_csv)
     if name == "demo":

@@ -9,8 +9,11 @@ import pytest
 import torch
 from data_mil import make_bags
 
+from evaluation.metrics import balanced_accuracy
 from evaluation.mil_data import BagSampler, FeatureBank, epoch_schedule
-from evaluation.mil_protocol import attention_heatmap, log_mil_results, roc_figure, run_mil_protocol
+from evaluation.mil_protocol import run_mil_protocol
+from evaluation.mil_report import attention_heatmap, log_mil_results, roc_figure
+from evaluation.mil_results import MILConfig, metric_description
 
 FAST = dict(
     folds=3,
@@ -127,7 +130,24 @@ def test_ensemble_is_the_mean_of_its_members(abmil):
     gain = abmil.summary["test/ensemble_auc"] - abmil.summary["test/single_auc"]
     assert abmil.summary["test/ensemble_gain_auc"] == pytest.approx(gain)
     assert abmil.runs[["val_auc", "test_auc"]].notna().all().all()
-    assert "single member mean" in abmil.to_markdown()
+    assert (p["positive_class"] == abmil.classes[1]).all()  # prob_ensemble is P(classes[1])
+    np.testing.assert_allclose(p["prob_ensemble"], abmil.ensemble_probs[:, 1])
+
+
+def test_reports_say_what_single_model_and_std_mean(abmil):
+    s, runs = abmil.summary, abmil.runs
+    # one definition of the spread over members: the sample std (ddof=1), in the summary and the markdown
+    assert s["cv/val_auc_std"] == pytest.approx(runs["val_auc"].std(ddof=1))
+    assert s["cv/val_auc_std"] != pytest.approx(np.std(runs["val_auc"]), rel=1e-3)
+    markdown = abmil.to_markdown()
+    assert f"| val_auc | {s['cv/val_auc_mean']:.4f} | {s['cv/val_auc_std']:.4f} |" in markdown
+    assert "sample standard deviation (ddof=1)" in markdown
+    # out of fold, "single" is one seed's pooled k-fold predictions; on the test cohort the member mean
+    rows = [line for line in markdown.splitlines() if line.startswith(("| test |", "| oof |"))]
+    assert all("member mean" in r for r in rows if r.startswith("| test |"))
+    assert all("single seed (k-fold pooled)" in r for r in rows if r.startswith("| oof |"))
+    assert "single seed (k-fold pooled)" in metric_description("oof/single_auc")
+    assert "member" in metric_description("test/single_auc") and "ddof=1" in metric_description("cv/val_auc_std")
 
 
 def test_without_a_test_cohort_the_out_of_fold_predictions_are_the_evaluation(cohorts):
@@ -202,6 +222,51 @@ def test_bad_input_is_refused_by_name(cohorts):
         run_mil_protocol(bank, train.labels, test.labels.assign(label=7), **FAST)
     with pytest.raises(TypeError, match="epochz"):
         run_mil_protocol(bank, train.labels, epochz=3)
+
+
+def test_a_patient_on_both_sides_of_cv_and_test_is_refused(cohorts):
+    train, test, bank = cohorts
+    leaking = test.labels.head(4).copy()
+    leaking.loc[[0, 2], "patient_id"] = train.labels["patient_id"].iloc[[5, 7]].to_numpy()
+    with pytest.raises(ValueError, match=r"2 patient\(s\) have slides both in the CV labels and in the test cohort "
+                                         r"\(patient leakage.*slide-patient0005 \(cv: slide0005; test: test0000\)"):
+        run_mil_protocol(bank, train.labels, leaking, **FAST)
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("max_tiles", 0), ("max_tiles", -1), ("epochs", 0), ("folds", 1), ("seeds", 0), ("lr", -1e-3), ("lr", 0.0),
+     ("n_boot", 0), ("bag_batch_size", 0), ("early_stopping_patience", 0), ("weight_decay", -1.0), ("epochs", 2.5)],
+)
+def test_nonsense_settings_are_refused_by_name(cohorts, option, value):
+    train, _, bank = cohorts
+    with pytest.raises(ValueError, match=rf"invalid MIL protocol setting\(s\): {option}={value!r}"):
+        MILConfig(**{option: value})
+    with pytest.raises(ValueError, match=rf"{option}={value!r}"):
+        run_mil_protocol(bank, train.labels, **{**FAST, option: value})  # overrides are checked too
+    assert MILConfig(seeds=[3, 7]).seeds == [3, 7] and MILConfig(max_tiles=None).max_tiles is None
+
+
+def test_a_one_class_test_cohort_keeps_its_defined_metrics_and_says_why_the_rest_is_missing(cohorts):
+    import warnings
+
+    train, test, bank = cohorts
+    one_class = test.labels[test.labels["label"] == 1].head(20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a note, not NumPy / sklearn warnings
+        result = run_mil_protocol(bank, train.labels, one_class, model="mean", folds=2, seeds=2, epochs=2,
+                                  n_boot=20, device="cpu", attention_slides=1)
+        figure = roc_figure(result)
+    s = result.summary
+    test_rows = result.predictions["split"] == "test"
+    expected = balanced_accuracy(np.ones(20, dtype=int), result.ensemble_probs[test_rows.to_numpy()].argmax(1))
+    assert s["test/ensemble_balanced_accuracy"] == pytest.approx(expected)  # defined: the recall of class 1
+    assert np.isfinite(s["test/single_balanced_accuracy"])
+    assert np.isnan(s["test/ensemble_balanced_accuracy_low"]) and np.isnan(s["test/ensemble_auc"])
+    assert any("one class only" in n and "AUC is undefined" in n for n in result.notes)
+    markdown = result.to_markdown()
+    assert f"{expected:.3f} [CI n/a]" in markdown and "one class only" in markdown
+    assert "one class only: no ROC" in figure.axes[0].texts[0].get_text()
 
 
 def _write_h5(path, features, encoder, coords=True):

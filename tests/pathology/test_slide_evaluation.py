@@ -10,7 +10,7 @@ from data_features import save_tiny_hf_encoder, write_feature_files
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from evaluation.mil_protocol import MILConfig
+from evaluation.mil_results import MILConfig
 from fm.cli import invoke
 from pathology.evaluate import evaluate_task
 from pathology.tasks import Task, TaskError, build_task, slide_table_from_features
@@ -34,7 +34,13 @@ def test_demo_end_to_end_through_the_cli(tmp_path, monkeypatch):
     assert metrics.loc["oof/ensemble_auc", "value"] == pytest.approx(result["metrics"]["oof/ensemble_auc"])
     predictions = pd.read_csv(out / "predictions.csv")
     assert sorted(predictions["slide_id"]) == [f"DEMO-{i:02d}" for i in range(12)]
-    assert "MIL protocol: abmil, 2 folds x 2 seeds" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "MIL protocol: abmil, 2 folds x 2 seeds" in summary
+    # one std everywhere (ddof=1), and the out-of-fold "single model" named for what it is
+    assert f"| val_auc | {metrics.loc['cv/val_auc_mean', 'value']:.4f} | {metrics.loc['cv/val_auc_std', 'value']:.4f} |" \
+        in summary
+    assert "single seed (k-fold pooled)" in summary
+    assert "single seed (k-fold pooled)" in metrics.loc["oof/single_auc", "description"]
 
     client = MlflowClient()
     parent = client.get_run(result["run_id"])
@@ -96,8 +102,23 @@ def test_features_from_another_encoder_are_refused(tmp_path):
     write_feature_files(tmp_path / "f", labels, patients)
     write_feature_files(tmp_path / "f", {"s03": 1}, patients, encoder="other-encoder")  # overwrites one file
     table = pd.DataFrame({"slide_id": list(labels), "label": list(labels.values())})
-    with pytest.raises(ValueError, match=r"1 feature file\(s\) come from another extraction.*s03.h5 \(encoder='other"):
+    with pytest.raises(ValueError, match=r"1 feature file\(s\) come from another extraction.*s03.h5 \(weights="
+                                         r".*\[encoder 'other-encoder' vs 'tiny-encoder'\]"):
         evaluate_task(Task("mixed", table), tmp_path / "f", tmp_path / "out", config=FAST)
+
+
+def test_the_same_weights_at_another_path_are_the_same_encoder(tmp_path):
+    """Weights staged to node-local disk per shard: same content, other path; the files go together."""
+    labels, patients = _labels(4)
+    sha = "ab" * 32
+    write_feature_files(tmp_path / "f", labels, patients, encoder="/scratch/node1/teacher.safetensors",
+                        weights_sha256=sha)
+    write_feature_files(tmp_path / "f", {"s03": 1}, patients, encoder="/scratch/node2/teacher.safetensors",
+                        weights_sha256=sha)
+    table = pd.DataFrame({"slide_id": list(labels), "patient_id": [patients[s] for s in labels],
+                          "label": list(labels.values())})
+    out = evaluate_task(Task("staged", table), tmp_path / "f", tmp_path / "out", config=FAST)
+    assert out["encoder"] == "/scratch/node1/teacher.safetensors"
 
 
 def test_attention_thumbnails_come_from_tiling_or_the_slide(cmu_slide, tmp_path):
@@ -117,3 +138,69 @@ def test_attention_thumbnails_come_from_tiling_or_the_slide(cmu_slide, tmp_path)
     assert np.array_equal(thumbs["tiled"][0], png) and thumbs["tiled"][1] == pytest.approx(2220 / png.shape[1])
     fresh, downsample = thumbs["fresh"]
     assert fresh.shape[1] <= 1024 and downsample == pytest.approx(2220 / fresh.shape[1])
+
+
+def _nsclc_features(directory, n_patients: int = 6) -> dict:
+    """Feature files named by TCGA barcodes, with the project attribute fm-extract records."""
+    labels = {f"TCGA-{i:02d}-{1000 + i}-01Z-00-DX1": i % 2 for i in range(n_patients)}
+    paths = write_feature_files(directory, labels)
+    for sid, path in paths.items():
+        with h5py.File(path, "a") as f:
+            f.attrs["project"] = ("TCGA-LUAD", "TCGA-LUSC")[labels[sid]]
+    return paths
+
+
+def test_a_truncated_feature_file_is_named_not_dropped(tmp_path):
+    paths = _nsclc_features(tmp_path / "f")
+    broken = sorted(paths)[2]
+    with open(paths[broken], "r+b") as f:
+        f.truncate(3000)
+    argv = ["pathology", "tcga-nsclc", "--features-dir", str(tmp_path / "f"), "--output-dir", str(tmp_path / "out"),
+            "--folds", "2", "--seeds", "1", "--epochs", "1"]
+    with pytest.raises(TaskError, match=rf"1 feature file\(s\) cannot be read .*{broken}\.h5; re-extract them"):
+        invoke("eval", argv)
+    assert not (tmp_path / "out").exists()
+    # labels from elsewhere (a cohort, --data-root): the extraction check reads the file and names it too
+    table = pd.DataFrame({"slide_id": list(paths), "label": [i % 2 for i in range(len(paths))]})
+    with pytest.raises(TaskError, match=rf"cannot be read .*{broken}\.h5; re-extract"):
+        evaluate_task(Task("nsclc", table), tmp_path / "f", tmp_path / "out", config=FAST)
+
+
+def test_missing_or_unlabelled_external_feature_folders_get_the_right_advice(tmp_path):
+    with pytest.raises(FileNotFoundError, match="feature directory .*nonexistent does not exist"):
+        invoke("eval", ["pathology", "tcga-nsclc", "--features-dir", str(tmp_path / "nonexistent")])
+    _nsclc_features(tmp_path / "f")
+    write_feature_files(tmp_path / "ext", {"x1": 0, "x2": 1})  # another cohort: no TCGA project
+    with pytest.raises(TaskError, match="external cohort.*no TCGA project.*--test-labels CSV") as err:
+        invoke("eval", ["pathology", "tcga-nsclc", "--features-dir", str(tmp_path / "f"),
+                        "--test-features-dir", str(tmp_path / "ext")])
+    assert "--cohorts" not in str(err.value)
+
+
+@pytest.mark.parametrize("flag, value", [("--max-tiles", "0"), ("--max-tiles", "-5"), ("--epochs", "0"),
+                                         ("--folds", "1"), ("--seeds", "0"), ("--lr", "-0.001"), ("--lr", "0")])
+def test_nonsense_eval_flags_are_refused_by_name(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as exit_:
+        invoke("eval", ["pathology", "demo", "--features-dir", str(tmp_path), flag, value])
+    assert exit_.value.code == 2
+    assert f"argument {flag}: must be" in capsys.readouterr().err
+
+
+def test_test_patients_stay_out_of_the_folds_and_keep_their_ids(tmp_path):
+    labels, patients = _labels(4)
+    write_feature_files(tmp_path / "f", {**labels, "t1": 0, "t2": 1}, {**patients, "t1": "p0", "t2": "q9"})
+    csv = tmp_path / "task.csv"
+    rows = pd.DataFrame({"slide_id": [*labels, "t1", "t2"], "patient_id": [*patients.values(), "p0", "q9"],
+                         "label": [*labels.values(), 0, 1], "split": [""] * len(labels) + ["test", "test"]})
+    rows.to_csv(csv, index=False)
+    argv = ["pathology", "csv", str(csv), "--features-dir", str(tmp_path / "f"), "--output-dir", str(tmp_path / "o"),
+            "--folds", "2", "--seeds", "1", "--epochs", "1", "--max-tiles", "8"]
+    with pytest.raises(ValueError, match=r"1 patient\(s\) have slides both in the CV labels and in the test cohort "
+                                         r"\(patient leakage.*p0 \(cv: s00, s01; test: t1\)"):
+        invoke("eval", argv)
+    rows.assign(patient_id=rows["patient_id"].replace({"p0": "q8"}).where(rows["split"] == "test", rows["patient_id"]))\
+        .to_csv(csv, index=False)
+    invoke("eval", argv)
+    predictions = pd.read_csv(tmp_path / "o" / "predictions.csv").set_index("slide_id")
+    assert predictions.loc[["t1", "t2"], "patient_id"].tolist() == ["q8", "q9"]  # not the slide ids
+    assert predictions.loc["s00", "patient_id"] == "p0"

@@ -108,3 +108,32 @@ def test_bad_task_tables_get_clear_errors(tmp_path, table, message):
         build_task(f"csv:{csv}", slides)
     with pytest.raises(TaskError, match="unknown task 'nope'"):
         build_task("nope", slides)
+
+
+def test_an_unreadable_feature_file_is_an_error_naming_it_not_a_vanished_slide(tmp_path):
+    paths = write_feature_files(tmp_path / "f", {"s1": 0, "s2": 1, "s3": 0})
+    with open(paths["s2"], "r+b") as f:
+        f.truncate(3000)  # an interrupted copy
+    (tmp_path / "f" / "s4.h5").write_text("not hdf5")
+    with pytest.raises(TaskError, match=r"2 feature file\(s\) cannot be read .*s2\.h5, .*s4\.h5; re-extract them"):
+        slide_table_from_features(tmp_path / "f")
+    with pytest.raises(FileNotFoundError, match="feature directory .*nowhere does not exist"):
+        slide_table_from_features(tmp_path / "nowhere")
+
+
+def test_nsclc_notes_every_slide_it_leaves_out_for_want_of_a_project():
+    slides = _tcga_slides()
+    slides.loc[slides["slide_id"] == "TCGA-18-3407-01Z-00-DX1", "project"] = ""  # file without the attribute
+    task = build_task("tcga-nsclc", slides)
+    assert "TCGA-18-3407-01Z-00-DX1" not in set(task.labels["slide_id"])
+    assert any("1 slide(s) without a TCGA project left out" in n and "TCGA-18-3407-01Z-00-DX1" in n for n in task.notes)
+    assert any("1 slide(s) of other projects left out: TCGA-BRCA (1)" in n for n in task.notes)
+
+
+def test_an_external_cohort_without_projects_is_pointed_at_test_labels():
+    from pathology.tasks import task_labels
+
+    external = pd.DataFrame({"slide_id": ["x1", "x2"], "patient_id": ["q1", "q2"], "project": ["", ""]})
+    with pytest.raises(TaskError, match="external cohort.*--test-labels CSV") as err:
+        task_labels("tcga-nsclc", external, external=True)
+    assert "--cohorts" not in str(err.value)
