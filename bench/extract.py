@@ -212,7 +212,7 @@ def main(argv=None) -> dict:
     args.copies = args.copies or (200 if cuda else 6)
     torch.backends.cuda.matmul.allow_tf32 = True
 
-    from fm.host import fix_mmap_threshold
+    from fm.host import available_cores, fix_mmap_threshold, intra_op_threads
     from pathology.extract import extract_cohort
 
     fix_mmap_threshold()  # as fm-extract does
@@ -224,8 +224,12 @@ def main(argv=None) -> dict:
         if args.simulate_forward:
             encoder = SimulatedDevice(encoder, args.simulate_forward)
         began = time.perf_counter()
-        forward = forward_only(encoder, batch_size, args.tile_px, args.forward_batches or (30 if cuda else 5),
-                               warmup=3 if args.compile or cuda else 1)
+        # on the CPU, the forward alone gets the threads extraction gives it (the cores the workers leave):
+        # a fair baseline, and torch.compile guards on the thread count (another count recompiles)
+        threads = None if cuda else max(1, available_cores() - args.workers)
+        with intra_op_threads(threads):
+            forward = forward_only(encoder, batch_size, args.tile_px, args.forward_batches or (30 if cuda else 5),
+                                   warmup=3 if args.compile or cuda else 1)
         warm_s = time.perf_counter() - began
         rss_before = _rss_mib()
         sampler = RssSampler()
