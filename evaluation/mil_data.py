@@ -148,23 +148,28 @@ class FeatureBank:
                 f"{len(missing)} slide(s) have no feature file in {directory}: {_listing(missing)}"
             )
 
-        shapes, encoders, weights, has_coords, problems = {}, {}, {}, True, []
+        shapes, encoders, weights, extraction, has_coords, problems = {}, {}, {}, {}, True, []
         for sid, path in paths.items():
             try:
                 with h5py.File(path, "r") as f:
                     shapes[sid] = f["features"].shape
                     encoders[sid] = _text(f.attrs.get("encoder", f["features"].attrs.get("encoder")))
                     weights[sid] = _text(f.attrs.get("encoder_weights_sha256"))
+                    extraction[sid] = tuple(str(_text(f.attrs.get(k, ""))) for k in ("feature", "preprocessing"))
                     has_coords &= "coords" in f
             except (OSError, KeyError) as err:
                 problems.append(f"{path.name} ({err})")
         if problems:
             raise ValueError(f"unreadable feature files in {directory}: {_listing(problems)}")
         # one encoder = one weights file by content where the files record its hash (the same weights
-        # staged at another path are the same encoder), else by name (CLAM / TRIDENT files)
-        identity = {s: weights[s] if weights[s] not in (None, "", "none") else encoders[s] for s in ids}
+        # staged at another path are the same encoder), else by name (CLAM / TRIDENT files); plus the
+        # feature kind and preprocessing where recorded (fm-extract writes them)
+        identity = {s: (weights[s] if weights[s] not in (None, "", "none") else encoders[s], *extraction[s])
+                    for s in ids}
         expected = Counter(identity.values()).most_common(1)[0][0]
-        foreign = [f"{paths[s].name} (encoder={encoders[s]!r})" for s in ids if identity[s] != expected]
+        foreign = [f"{paths[s].name} (encoder={encoders[s]!r}"
+                   + (f", feature/preprocessing={extraction[s]!r})" if extraction[s] != expected[1:] else ")")
+                   for s in ids if identity[s] != expected]
         if foreign:
             common = next(encoders[s] for s in ids if identity[s] == expected)
             raise ValueError(

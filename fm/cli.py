@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from fm.config import ConfigError, dump, resolve_config
 from fm.domains import Command, Domain, load_domains
-from fm.termination import TERMINATED, exit_on_sigterm
+from fm.termination import TERMINATED, sigterm_exits
 
 
 class UserError(Exception):
@@ -104,9 +104,9 @@ def invoke(verb: str, argv: Sequence[str] | None = None):
 
 
 def _run(verb: str, argv: Sequence[str] | None) -> int:
-    exit_on_sigterm()  # a killed job still releases its locks and writes its manifest
     try:
-        invoke(verb, argv)
+        with sigterm_exits():  # a killed job still releases its locks and writes its manifest
+            invoke(verb, argv)
     except (UserError, ConfigError, ValueError, KeyError, FileNotFoundError) as e:
         if os.environ.get("FM_DEBUG"):
             raise

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -20,32 +20,28 @@ from pathlib import Path
 TMP_MARK = ".tmp-"
 
 
-def _umask() -> int:
-    """The process umask, read without changing it (os.umask can only be read by setting it, which
-    would race with threads creating files)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
+def _create_temporary(path: Path) -> Path:
+    """A new empty file beside `path`, created with mode 0o666 as a plain file is, so the umask and
+    the folder's default ACLs apply (mkstemp's owner-only 0o600 would stick to the result)."""
+    for _ in range(100):
+        candidate = path.parent / f"{TMP_MARK}{path.name}.{secrets.token_hex(4)}"
+        try:
+            os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds. The
-    result gets the permissions of a plainly created file (0o666 minus the umask), not the owner-only
-    0o600 of a temporary: on a shared cluster, the lab must be able to read the features."""
+    result has a plain file's permissions: on a shared cluster, the lab must be able to read it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_MARK}{path.name}.", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _create_temporary(path)
     try:
         yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -168,10 +164,15 @@ class ItemLock:
                     self.path.unlink(missing_ok=True)
                     continue
                 return False
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{socket.gethostname()}:{os.getpid()}:{time.time():.0f}\n")
-            self.acquired = True
-            _beat(self.path, held=True)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(f"{socket.gethostname()}:{os.getpid()}:{time.time():.0f}\n")
+                self.acquired = True
+                _beat(self.path, held=True)
+            except BaseException:  # stopped (SIGTERM) right after creating it: the lock must not stay
+                self.acquired = False
+                self.path.unlink(missing_ok=True)
+                raise
             return True
         return False
 
@@ -199,6 +200,7 @@ class ItemLock:
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
+            _alive_file(self.path.parent, host, pid).unlink(missing_ok=True)  # the dead holder's, if left
             return True
         except (PermissionError, ValueError):
             return False

@@ -9,15 +9,20 @@ locks are released, temporaries removed and manifests written, and a rerun resum
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
 from types import FrameType
 
 TERMINATED = 128 + signal.SIGTERM  # the exit status, as a shell reports a process killed by SIGTERM
 
 
 def _raise_exit(signum: int, frame: FrameType | None) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM during the cleanup kills at once
+    # Further SIGTERMs are ignored: the cleanup must finish. They come: SLURM signals every process of
+    # the job, and a parent stopping its pool signals its workers again. SIGKILL (SLURM's, after
+    # KillWait) still ends a cleanup that hangs.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise SystemExit(TERMINATED)
 
 
@@ -30,3 +35,15 @@ def exit_on_sigterm() -> bool:
         return False
     signal.signal(signal.SIGTERM, _raise_exit)
     return True
+
+
+@contextlib.contextmanager
+def sigterm_exits() -> Iterator[None]:
+    """`exit_on_sigterm()` for the block, the default restored after it (a command run in-process, e.g.
+    by a test or a notebook, leaves the process as it found it)."""
+    installed = exit_on_sigterm()
+    try:
+        yield
+    finally:
+        if installed and signal.getsignal(signal.SIGTERM) in (_raise_exit, signal.SIG_IGN):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)

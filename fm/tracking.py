@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from fm.io import ItemLock
+from fm.termination import TERMINATED
 from fm.tracking_offline import OFFLINE_SCHEME, OfflineClient
 
 ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
@@ -332,8 +333,8 @@ class tracked_run:  # noqa: N801  (used like a function: `with tracked_run(...) 
     """Open an MLflow run for the `with` block; the block's outcome decides the run's final status.
 
     On entry the full config goes to params (flattened `a.b.c`) and to `config.yaml`, with tags
-    `git_commit`, `fm_version` and `command`. An exception marks the run FAILED (KeyboardInterrupt:
-    KILLED), stores the traceback as `error.txt` and propagates. `nested=True` makes the run a child
+    `git_commit`, `fm_version` and `command`. An exception marks the run FAILED, stores the traceback
+    as `error.txt` and propagates; Ctrl-C or SIGTERM (see fm.termination) marks it KILLED. `nested=True` makes the run a child
     of the innermost open run (or of `parent`), in the parent's experiment and store.
     """
 
@@ -406,8 +407,9 @@ class tracked_run:  # noqa: N801  (used like a function: `with tracked_run(...) 
         if exc_type is None or (exc_type is SystemExit and exc.code in (None, 0)):
             status = "FINISHED"
         else:
-            status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
-            try:
+            killed = issubclass(exc_type, KeyboardInterrupt) or (exc_type is SystemExit and exc.code == TERMINATED)
+            status = "KILLED" if killed else "FAILED"
+            try:  # killed too: the traceback says where the run was stopped
                 run.log_text("".join(traceback.format_exception(exc_type, exc, tb)), "error.txt")
             except Exception as log_error:  # the store itself may be the problem: keep the original error
                 warnings.warn(f"could not log error.txt for run {run.run_id}: {log_error}", stacklevel=2)

@@ -7,7 +7,9 @@ iterator is not yet garbage-collected. Code that wants to survive a crashing wor
 segfaults on one corrupt slide) cannot handle an exception that may come from anywhere.
 
 `WorkerDeathGuard` keeps torch's check but only lets it raise while the main thread waits for a batch;
-a death signalled at any other moment is remembered and raised when the next wait begins. It also
+a death signalled at any other moment is remembered and raised when the next wait begins. A worker
+that died of SIGTERM means the whole job is being stopped (SLURM signals the process group): that is
+raised as `SystemExit(143)`, as fm.termination does in the main process, not as a crash. It also
 shuts the iterator's workers down on exit, so their pids never outlive the loop in torch's registry.
 """
 
@@ -17,6 +19,8 @@ import signal
 import threading
 from collections.abc import Iterator
 from typing import Any
+
+from fm.termination import TERMINATED
 
 
 class WorkerDeathGuard:
@@ -53,8 +57,17 @@ class WorkerDeathGuard:
                 self.pending = False
                 self._torch_handler(signal.SIGCHLD, None)
             return next(self.batches)
+        except RuntimeError as err:
+            if self._terminated():  # SLURM / scancel signal the whole process group: we are being
+                raise SystemExit(TERMINATED) from err  # stopped, and no item is to blame
+            raise
         finally:
             self.waiting = False
+
+    def _terminated(self) -> bool:
+        """Whether a worker died of SIGTERM (torch's message does not always say how it died)."""
+        workers = getattr(self.batches, "_workers", [])
+        return any(getattr(w, "exitcode", None) == -signal.SIGTERM for w in workers)
 
     def __exit__(self, *exc: object) -> None:
         try:

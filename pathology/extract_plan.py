@@ -73,13 +73,25 @@ def _setting(attrs: dict) -> tuple[int, float]:
     return int(attrs["patch_size"]), float(attrs["target_mpp"])
 
 
+def _folder_setting(tiles_dir: Path) -> list[tuple[tuple[int, float], int]]:
+    """The most common tile setting of every slide in `tiles_dir` (a shard, or a batch of new slides,
+    may hold no tiled slide itself while the folder does)."""
+    settings: Counter = Counter()
+    for coords_path in tiles_dir.glob(f"*/{COORDS_NAME}"):
+        try:
+            settings[_setting(_coords_attrs(coords_path)[1])] += 1
+        except (OSError, KeyError):
+            continue
+    return settings.most_common(1)
+
+
 def _tile_setting(found: dict, tiling: dict, tiles_dir: Path) -> tuple[tuple[int, float], str]:
     """(tile px, target mpp) of this extraction and where it comes from: the flags where given, else
     the tiles already in `tiles_dir` (a rerun or a grown cohort must not switch setting and strand the
     finished slides), else the tiling defaults."""
     from pathology.tiling import tiling_defaults
 
-    existing = Counter(_setting(attrs) for _, attrs in found.values()).most_common(1)
+    existing = Counter(_setting(attrs) for _, attrs in found.values()).most_common(1) or _folder_setting(tiles_dir)
     if existing:
         base, source = existing[0][0], f"the tiles already in {tiles_dir}"
     else:
@@ -145,36 +157,41 @@ def plan_extraction(records: list[SlideRecord], tiles_dir: Path, output_dir: Pat
     common = {**encoder_attrs(encoder, tile_px, target_mpp), "patch_size": tile_px, "target_mpp": target_mpp}
     fingerprint = {k: common[k] for k in FINGERPRINT_ATTRS}
     jobs, stale = [], stale_temporaries(output_dir)
-    for record in (r for r in records if r.slide_id in found):
-        coords_path = tiles_dir / record.slide_id / COORDS_NAME
-        n, attrs = found[record.slide_id]
-        if _setting(attrs) != (tile_px, target_mpp):
-            rows.append(_record_row(record, FAILED, f"{coords_path}: tiled at {attrs['patch_size']} px, "
-                                    f"{attrs['target_mpp']} um/px, but this extraction uses {tile_px} px, "
-                                    f"{target_mpp} um/px (from {source}): one extraction needs one tile setting; "
-                                    f"re-tile it (fm-prepare pathology --overwrite) or use another --tiles-dir", n))
-            continue
-        job = SlideJob(record, coords_path, output_dir / f"{record.slide_id}.h5", n, float(attrs["slide_mpp"]))
-        if n == 0:
-            rows.append(job.row(OK_EMPTY, "no tissue tiles: no feature file"))
-            continue
-        state = "missing" if overwrite else feature_file_state(job.out_path, n, fingerprint)
-        if state == "complete":
-            rows.append(job.row(SKIPPED_DONE, "features already extracted"))
-            continue
-        if state.startswith("conflict"):
-            rows.append(job.row(FAILED, state.split(": ", 1)[1]))
-            continue
-        job.lock = ItemLock(job.out_path)
-        if not job.lock.acquire():
-            rows.append(job.row(LOCKED, f"being extracted by {job.lock.holder()}"))
-            continue
-        if not overwrite and feature_file_state(job.out_path, n, fingerprint) == "complete":
-            job.lock.release()  # finished by another process between the check and the lock
-            rows.append(job.row(SKIPPED_DONE, "features already extracted"))
-            continue
-        remove_stale_temporaries(job.out_path, stale)
-        jobs.append(job)
+    try:  # locks are held from here: a stop halfway (SIGTERM, an error) must not strand them
+        for record in (r for r in records if r.slide_id in found):
+            coords_path = tiles_dir / record.slide_id / COORDS_NAME
+            n, attrs = found[record.slide_id]
+            if _setting(attrs) != (tile_px, target_mpp):
+                rows.append(_record_row(record, FAILED, f"{coords_path}: tiled at {attrs['patch_size']} px, "
+                                        f"{attrs['target_mpp']} um/px, but this extraction uses {tile_px} px, "
+                                        f"{target_mpp} um/px (from {source}): one extraction needs one tile setting; "
+                                        f"re-tile it (fm-prepare pathology --overwrite) or use another --tiles-dir", n))
+                continue
+            job = SlideJob(record, coords_path, output_dir / f"{record.slide_id}.h5", n, float(attrs["slide_mpp"]))
+            if n == 0:
+                rows.append(job.row(OK_EMPTY, "no tissue tiles: no feature file"))
+                continue
+            state = "missing" if overwrite else feature_file_state(job.out_path, n, fingerprint)
+            if state == "complete":
+                rows.append(job.row(SKIPPED_DONE, "features already extracted"))
+                continue
+            if state.startswith("conflict"):
+                rows.append(job.row(FAILED, state.split(": ", 1)[1]))
+                continue
+            job.lock = ItemLock(job.out_path)
+            if not job.lock.acquire():
+                rows.append(job.row(LOCKED, f"being extracted by {job.lock.holder()}"))
+                continue
+            jobs.append(job)
+            if not overwrite and feature_file_state(job.out_path, n, fingerprint) == "complete":
+                jobs.pop().lock.release()  # finished by another process between the check and the lock
+                rows.append(job.row(SKIPPED_DONE, "features already extracted"))
+                continue
+            remove_stale_temporaries(job.out_path, stale)
+    except BaseException:
+        for job in jobs:
+            job.lock.release()
+        raise
     return jobs, rows, common
 
 

@@ -13,6 +13,7 @@ One bad slide is recorded as `failed` with its reason; the others go on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -30,6 +31,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from fm.io import ItemLock, atomic_path, remove_stale_temporaries
+from fm.termination import exit_on_sigterm
 from pathology.cohorts import SlideRecord
 from pathology.slides import SlideError, open_slide, read_tile, thumbnail, tile_size_level0
 from pathology.tissue import TissueParams, tissue_fractions, tissue_mask
@@ -292,38 +294,44 @@ def tile_cohort(
         for r in slides
     ]
     results: dict[int, dict] = {}
-    if workers <= 1:
-        for i, job in enumerate(jobs):
-            results[i] = _tile_job(job)
-            log.info("%s: %s %s", job["slide_id"], results[i]["status"], results[i]["reason"])
-    else:
-        results = _run_pool(jobs, workers)
     rows = []
-    for i, record in enumerate(slides):
-        res = results[i]
-        rows.append(
-            dict(
-                slide_id=record.slide_id,
-                patient_id=record.patient_id,
-                slide_path=str(record.slide_path),
-                status=res["status"],
-                reason=res["reason"],
-                n_tiles=res["n_tiles"],
-                seconds=res["seconds"],
-                mpp=res["mpp"],
+    try:
+        if workers <= 1:
+            for i, job in enumerate(jobs):
+                results[i] = _tile_job(job)
+                log.info("%s: %s %s", job["slide_id"], results[i]["status"], results[i]["reason"])
+        else:
+            _run_pool(jobs, workers, results)
+    finally:  # a run stopped halfway (SIGTERM, an error) still records the slides it finished
+        for i, record in enumerate(slides):
+            if i not in results:
+                continue
+            res = results[i]
+            rows.append(
+                dict(
+                    slide_id=record.slide_id,
+                    patient_id=record.patient_id,
+                    slide_path=str(record.slide_path),
+                    status=res["status"],
+                    reason=res["reason"],
+                    n_tiles=res["n_tiles"],
+                    seconds=res["seconds"],
+                    mpp=res["mpp"],
+                )
             )
-        )
-    _write_manifest(out_dir / MANIFEST_NAME, rows)
+        if rows:
+            _write_manifest(out_dir / MANIFEST_NAME, rows)
     return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
 
 
-def _run_pool(jobs: list[dict], workers: int) -> dict[int, dict]:
-    """Run jobs `workers` at a time; a crashed worker fails only the slides it had in flight."""
-    results: dict[int, dict] = {}
+def _run_pool(jobs: list[dict], workers: int, results: dict[int, dict]) -> None:
+    """Run jobs `workers` at a time, filling `results` as they finish (so a caller stopped halfway still
+    has them); a crashed worker fails only the slides it had in flight. Workers end through their
+    cleanup on SIGTERM (SLURM signals the whole process group), releasing their slide locks."""
     pending = list(range(len(jobs)))[::-1]
     context = mp.get_context("spawn")  # no OpenSlide handles or threads inherited from the parent
     while pending:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=exit_on_sigterm) as pool:
             in_flight = {}
             try:
                 while pending or in_flight:
@@ -346,4 +354,8 @@ def _run_pool(jobs: list[dict], workers: int) -> dict[int, dict]:
                             "slide (crash inside the slide reader?); rerun to retry",
                         )
                     )
-    return results
+            except BaseException:  # stopping (SIGTERM to this process only, an error): stop the workers too,
+                for process in list((pool._processes or {}).values()):  # through their cleanup, not after
+                    with contextlib.suppress(OSError):  # their current slide
+                        process.terminate()
+                raise

@@ -126,3 +126,21 @@ def test_a_held_lock_shows_signs_of_life(tmp_path, monkeypatch):
     assert alive.exists()
     locks[2].release()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_dead_local_holders_lock_and_alive_file_go(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    lock = tmp_path / "slide.h5.lock"
+    lock.write_text(f"{socket.gethostname()}:{pid}:0\n")
+    alive = tmp_path / f".alive-{socket.gethostname()}-{pid}"
+    alive.touch()
+    mine = ItemLock(tmp_path / "slide.h5")
+    assert mine.acquire()
+    assert not alive.exists() and lock.read_text().split(":")[1] == str(os.getpid())
+    mine.release()

@@ -46,7 +46,7 @@ def test_without_the_handler_a_terminated_process_leaves_them(tmp_path):
     assert "slide.h5.lock" in left and any(name.startswith(".tmp-slide.h5.") for name in left)
 
 
-def test_someone_elses_handler_is_kept_and_a_second_sigterm_kills():
+def test_someone_elses_handler_is_kept_and_a_second_sigterm_is_ignored():
     from fm.termination import exit_on_sigterm
 
     previous = signal.signal(signal.SIGTERM, lambda *a: None)  # e.g. Lightning's SLURM handler
@@ -58,7 +58,7 @@ def test_someone_elses_handler_is_kept_and_a_second_sigterm_kills():
         with pytest.raises(SystemExit) as exit_info:
             signal.raise_signal(signal.SIGTERM)
         assert exit_info.value.code == 143
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # a second SIGTERM during cleanup kills
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # a second SIGTERM cannot cut the cleanup
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -80,3 +80,14 @@ def test_every_command_ends_cleanly_on_sigterm_and_says_how_to_resume():
     _, err = child.communicate(timeout=30)
     assert child.returncode == 143
     assert "fm-extract: terminated (SIGTERM)" in err and "again to resume" in err and "Traceback" not in err
+
+
+def test_a_command_run_in_process_leaves_the_default_handler_behind(monkeypatch):
+    from fm import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "invoke", lambda verb, argv: seen.append(signal.getsignal(signal.SIGTERM)))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert cli.extract_main([]) == 0
+    assert seen and seen[0] is not signal.SIG_DFL  # installed while the command ran
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -82,11 +82,21 @@ def test_exception_marks_run_failed_with_traceback():
     assert "RuntimeError: boom" in error and "Traceback" in error
 
 
-def test_keyboard_interrupt_marks_run_killed():
+def test_keyboard_interrupt_and_sigterm_mark_runs_killed_other_exits_failed():
+    from fm.termination import TERMINATED
+
     with pytest.raises(KeyboardInterrupt):
         with tracked_run("exp") as run:
             raise KeyboardInterrupt
     assert _client(run).get_run(run.run_id).info.status == "KILLED"
+    with pytest.raises(SystemExit):
+        with tracked_run("exp") as run:
+            raise SystemExit(TERMINATED)  # what fm.termination raises on SIGTERM
+    assert _client(run).get_run(run.run_id).info.status == "KILLED"
+    with pytest.raises(SystemExit):
+        with tracked_run("exp") as run:
+            raise SystemExit(1)
+    assert _client(run).get_run(run.run_id).info.status == "FAILED"
 
 
 def test_several_runs_in_one_process_are_all_tracked():

@@ -184,6 +184,28 @@ def test_a_grown_cohort_keeps_the_tile_setting_of_its_tiles(cmu_slide, tiny_hf, 
     reasons = dict(zip(table["slide_id"], table["reason"]))
     assert dict(zip(table["slide_id"], table["status"]))["c"] == "ok"
     assert "tiled at 64 px" in reasons["a"] and "uses 32 px" in reasons["a"] and "from --tile-px" in reasons["a"]
+    # a run over new slides only (a new batch, a shard): the folder's setting still rules
+    table = extract_cohort([SlideRecord("d", cmu_slide, "P3", "test")], tiles, out, encoder, workers=0,
+                           tiling=dict(tile_px=None, target_mpp=None))
+    assert table["status"].tolist() == ["ok"] and read_coords(tiles / "d" / "coords.h5")[1]["patch_size"] == 64
+
+
+def test_a_plan_stopped_halfway_leaves_no_lock(cmu_cohort, tiny_hf, tmp_path, monkeypatch):
+    from pathology import extract_plan
+
+    records, tiles = cmu_cohort
+    original, calls = extract_plan.remove_stale_temporaries, []
+
+    def stop_at_the_second(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # or SIGTERM's SystemExit, or an error: locks already taken must go
+        return original(*args)
+
+    monkeypatch.setattr(extract_plan, "remove_stale_temporaries", stop_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        extract_cohort(records, tiles, tmp_path / "out", FeatureEncoder(str(tiny_hf), device="cpu"), workers=0)
+    assert len(calls) == 2 and not list((tmp_path / "out").glob("*.lock"))
 
 
 def test_the_same_weights_moved_elsewhere_keep_the_finished_files(cmu_cohort, tiny_hf, tmp_path):
@@ -350,3 +372,23 @@ def test_compiled_encoder_pads_the_last_batch_and_matches_eager(cmu_cohort, tiny
     a, b = read_features(tmp_path / "eager" / "cmu-0.h5"), read_features(tmp_path / "compiled" / "cmu-0.h5")
     assert a[0].shape == b[0].shape == (n, compiled.dim)
     np.testing.assert_allclose(b[0].astype(np.float32), a[0].astype(np.float32), atol=2e-3)
+
+
+def test_a_worker_stopped_by_sigterm_stops_the_run_and_blames_no_slide(cmu_cohort, tiny_hf, tmp_path, monkeypatch):
+    """SLURM and scancel signal the whole process group: a tile-reading worker that dies of SIGTERM
+    means the run is being stopped (exit 143, locks released), not that its slide is bad."""
+    from pathology import cohort_tiles
+
+    records, tiles = cmu_cohort
+
+    def read_tile_view(slide, *args):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(cohort_tiles, "read_tile_view", read_tile_view)  # inherited by the forked workers
+    with pytest.raises(SystemExit) as stopped:
+        extract_cohort(records, tiles, tmp_path / "out", FeatureEncoder(str(tiny_hf), device="cpu"), batch_size=16,
+                       workers=2)
+    assert stopped.value.code == 143
+    out = tmp_path / "out"
+    assert not list(out.glob("*.lock")) and not list(out.glob(".tmp-*")) and not list(out.glob(".alive-*"))
+    assert not (out / MANIFEST_NAME).exists() or "failed" not in (out / MANIFEST_NAME).read_text()

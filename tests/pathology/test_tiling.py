@@ -260,3 +260,31 @@ def test_concurrent_cohort_processes_never_tile_a_slide_twice(test_slides, tmp_p
     manifest = read_manifest(out / "manifest.csv")
     assert (manifest.status == OK).all() and len(manifest) == 6  # a `locked` row never hides the outcome
     assert _leftovers(out) == []
+
+
+def test_sigterm_to_the_job_releases_every_lock_and_records_the_finished_slides(cmu_slide, tmp_path):
+    """SLURM at the time limit (or scancel) sends SIGTERM to the whole process group, pool workers
+    included: each worker ends through its cleanup, and the manifest records what was finished."""
+    import os
+
+    n = 40
+    cohort = tmp_path / "cohort.csv"
+    cohort.write_text("slide_path,slide_id,patient_id\n" + "".join(f"{cmu_slide},s{i:03d},P{i}\n" for i in range(n)))
+    out = tmp_path / "tiles"
+    command = "import sys; from fm.cli import prepare_main; sys.exit(prepare_main(sys.argv[1:]))"
+    child = subprocess.Popen([sys.executable, "-c", command, "pathology", "--cohorts", f"csv:{cohort}", "--output-dir",
+                              str(out), "--workers", "2"], start_new_session=True, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("*/coords.h5"))) < 3 and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.02)
+    os.killpg(child.pid, signal.SIGTERM)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 143, err
+    done = {p.parent.name for p in out.glob("*/coords.h5")}
+    assert 3 <= len(done) < n, "the job should have been stopped halfway"
+    assert not list(out.glob("*/*.lock")) and not list(out.glob("*/.alive-*")) and not list(out.glob("*/.tmp-*"))
+    manifest = pd.read_csv(out / "manifest.csv")
+    recorded = set(manifest.loc[manifest["status"] == "ok", "slide_id"])
+    assert recorded and recorded <= done and "failed" not in set(manifest["status"])
+    assert "terminated (SIGTERM)" in err
