@@ -80,16 +80,27 @@ def _find_slides(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file())
 
 
+# the GDC portal's sample sheet (gdc_sample_sheet.<date>.tsv) names its columns for people
+_SAMPLE_SHEET_COLUMNS = {"File ID": "id", "File Name": "filename", "Project ID": "project_id"}
+
+
 def _read_gdc_manifest(path: Path) -> pd.DataFrame:
-    """GDC manifest: tab-separated `id filename md5 size state` (+ optional project column)."""
+    """GDC manifest (`id filename md5 size state`, + optional project column) or GDC sample sheet
+    (`File ID, File Name, ..., Project ID, Case ID, ...`): the only GDC files that name the project of a
+    slide downloaded to the `<uuid>/<file>` layout."""
     try:
-        table = pd.read_csv(path, sep="\t", dtype=str)
+        table = pd.read_csv(path, sep="\t", dtype=str).rename(columns=_SAMPLE_SHEET_COLUMNS)
     except Exception as err:
         raise CohortError(f"{path}: cannot read as a GDC manifest (tab-separated): {err}") from err
     missing = [c for c in ("id", "filename") if c not in table.columns]
     if missing:
         raise CohortError(f"{path}: GDC manifest lacks column(s) {missing}; found {list(table.columns)}")
     return table
+
+
+def _is_gdc_listing(path: Path) -> bool:
+    name = path.name.lower()
+    return path.suffix.lower() in (".txt", ".tsv") and ("manifest" in name or "sample_sheet" in name)
 
 
 def _tcga_record(path: Path, project: str | None, file_id: str | None = None) -> SlideRecord:
@@ -117,14 +128,10 @@ def resolve_tcga(
     """TCGA slides found under `data_root` and/or listed in a GDC manifest, filtered by project."""
     if data_root is None and manifest is None:
         raise CohortError("cohort `tcga` needs --data-root (the folder holding the downloaded slides)")
-    root = Path(data_root) if data_root is not None else None
+    root = _absolute(data_root) if data_root is not None else None
     if root is not None and not root.is_dir():
         raise CohortError(f"--data-root {root} is not a directory")
-    manifests = (
-        [Path(manifest)]
-        if manifest
-        else sorted(p for p in root.rglob("*manifest*") if p.suffix.lower() in (".txt", ".tsv"))
-    )
+    manifests = [_absolute(manifest)] if manifest else sorted(p for p in root.rglob("*") if _is_gdc_listing(p))
     records: dict[Path, SlideRecord] = {}
     found = _find_slides(root) if root is not None else []
     by_name = {p.name: p for p in found}
@@ -139,8 +146,9 @@ def resolve_tcga(
             if Path(row["filename"]).suffix.lower() not in SLIDE_SUFFIXES:
                 continue
             path = by_name.get(row["filename"], base / row["id"] / row["filename"])  # GDC layout if not found
-            project = row.get(project_col) if project_col else None
-            records[path] = _tcga_record(path, project or _project_from_path(path), row["id"])
+            project = (row.get(project_col) if project_col else None) or _project_from_path(path)
+            known = records.get(path)  # a manifest and a sample sheet may both list it: keep what either knows
+            records[path] = _tcga_record(path, project or (known.project if known else None), row["id"])
     if not manifest:
         for path in found:
             if path not in records:
@@ -154,15 +162,38 @@ def resolve_tcga(
     if projects:
         wanted = {p.upper() if p.upper().startswith("TCGA-") else f"TCGA-{p.upper()}" for p in projects}
         present = sorted({r.project for r in result if r.project})
+        unknown = sum(r.project is None for r in result)
         result = [r for r in result if r.project in wanted]
+        if unknown:
+            log.warning("--projects: %d TCGA slide(s) under %s have no known project and are left out", unknown, root)
         if not result:
             raise CohortError(
-                f"no TCGA slides of projects {sorted(wanted)}; projects found: {present or 'none'} "
-                "(the project is read from a `TCGA-XXXX/` folder in the path or a manifest `project_id` column)"
+                f"no TCGA slides of projects {sorted(wanted)}; projects found: {present or 'none'}"
+                + (f"; {unknown} slide(s) have no known project" if unknown else "")
+                + " (the project comes from a `TCGA-XXXX/` folder in the path, or from the GDC sample sheet "
+                "(gdc_sample_sheet.*.tsv, saved beside the slides) or a manifest with a project_id column)"
             )
     if not result:
         raise CohortError(f"no slides ({', '.join(SLIDE_SUFFIXES)}) found for cohort `tcga` under {root}")
     return sorted(result, key=lambda r: r.slide_id)
+
+
+def _absolute(path: str | os.PathLike) -> Path:
+    """An absolute path: outputs record slide paths, and later commands run from other folders."""
+    return Path(os.path.abspath(path))
+
+
+def _csv_mpp(value, path: Path, slide_id) -> float | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    try:
+        mpp = float(value)
+    except (TypeError, ValueError):
+        mpp = math.nan
+    if not math.isfinite(mpp) or mpp <= 0:
+        raise CohortError(f"cohort CSV {path}: slide {slide_id}: mpp {value!r} is not a positive number "
+                          "(microns per pixel, e.g. 0.25; leave it empty to use the slide's own)")
+    return mpp
 
 
 def read_csv_cohort(path: str | os.PathLike, cohort: str | None = None) -> list[SlideRecord]:
@@ -185,9 +216,8 @@ def read_csv_cohort(path: str | os.PathLike, cohort: str | None = None) -> list[
     for row in table.to_dict("records"):
         slide_path = Path(str(row["slide_path"]))
         if not slide_path.is_absolute():
-            slide_path = path.parent / slide_path
-        mpp = row.get("mpp")
-        mpp = None if mpp is None or (isinstance(mpp, float) and math.isnan(mpp)) else float(mpp)
+            slide_path = _absolute(path.parent / slide_path)
+        mpp = _csv_mpp(row.get("mpp"), path, row["slide_id"])
         project = row.get("project")
         records.append(
             SlideRecord(

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import h5py
-
 from fm.io import ItemLock, remove_stale_temporaries, stale_temporaries
 from pathology.cohorts import SlideRecord
 from pathology.feature_files import FINGERPRINT_ATTRS, code_version, feature_file_state
+from pathology.tile_setting import coords_attrs, resolve_setting, setting_of
 from pathology.tiling import COORDS_NAME, FAILED, LOCKED, OK, OK_EMPTY, SKIPPED_DONE
 
 if TYPE_CHECKING:
@@ -63,48 +61,6 @@ def shard_of(records: list[SlideRecord], shard: str | None) -> list[SlideRecord]
     return sorted(records, key=lambda r: r.slide_id)[index::count]
 
 
-def _coords_attrs(coords_path: Path) -> tuple[int, dict]:
-    with h5py.File(coords_path, "r") as f:
-        coords = f["coords"]  # only the attributes used here: reading all costs 3x as much
-        return int(coords.shape[0]), {k: coords.attrs[k] for k in ("patch_size", "target_mpp", "slide_mpp")}
-
-
-def _setting(attrs: dict) -> tuple[int, float]:
-    return int(attrs["patch_size"]), float(attrs["target_mpp"])
-
-
-def _folder_setting(tiles_dir: Path) -> list[tuple[tuple[int, float], int]]:
-    """The most common tile setting of every slide in `tiles_dir` (a shard, or a batch of new slides,
-    may hold no tiled slide itself while the folder does)."""
-    settings: Counter = Counter()
-    for coords_path in tiles_dir.glob(f"*/{COORDS_NAME}"):
-        try:
-            settings[_setting(_coords_attrs(coords_path)[1])] += 1
-        except (OSError, KeyError):
-            continue
-    return settings.most_common(1)
-
-
-def _tile_setting(found: dict, tiling: dict, tiles_dir: Path) -> tuple[tuple[int, float], str]:
-    """(tile px, target mpp) of this extraction and where it comes from: the flags where given, else
-    the tiles already in `tiles_dir` (a rerun or a grown cohort must not switch setting and strand the
-    finished slides), else the tiling defaults."""
-    from pathology.tiling import tiling_defaults
-
-    existing = Counter(_setting(attrs) for _, attrs in found.values()).most_common(1) or _folder_setting(tiles_dir)
-    if existing:
-        base, source = existing[0][0], f"the tiles already in {tiles_dir}"
-    else:
-        defaults = tiling_defaults()
-        base, source = (int(defaults["tile_px"]), float(defaults["target_mpp"])), "the tiling defaults"
-    tile_px, target_mpp = tiling.get("tile_px"), tiling.get("target_mpp")
-    if tile_px is None and target_mpp is None:
-        return base, source
-    flags = " ".join(f for f, v in (("--tile-px", tile_px), ("--target-mpp", target_mpp)) if v is not None)
-    return (int(tile_px if tile_px is not None else base[0]),
-            float(target_mpp if target_mpp is not None else base[1])), flags
-
-
 def _tile_missing(missing: list[SlideRecord], tiles_dir: Path, tiling: dict,
                   setting: tuple[int, float]) -> dict[str, str]:
     """Tile slides without coords.h5 at `setting`; returns slide_id -> reason for those that failed."""
@@ -131,7 +87,7 @@ def _read_tilings(records: list[SlideRecord], tiles_dir: Path, rows: list[dict])
         if not coords_path.is_file():
             continue
         try:
-            found[record.slide_id] = _coords_attrs(coords_path)
+            found[record.slide_id] = coords_attrs(coords_path)
         except (OSError, KeyError) as err:
             rows.append(_record_row(record, FAILED, f"{coords_path}: unreadable tiling output ({err})"))
     return found
@@ -142,7 +98,8 @@ def plan_extraction(records: list[SlideRecord], tiles_dir: Path, output_dir: Pat
     """(jobs to run, with their locks held; manifest rows of slides not run; file attributes common to all)."""
     tiling, rows = tiling or {}, []
     found = _read_tilings(records, tiles_dir, rows)
-    (tile_px, target_mpp), source = _tile_setting(found, tiling, tiles_dir)
+    (tile_px, target_mpp), source = resolve_setting(tiles_dir, tiling.get("tile_px"), tiling.get("target_mpp"),
+                                                    [setting_of(attrs) for _, attrs in found.values()])
     unreadable = {row["slide_id"] for row in rows}
     missing = [r for r in records if r.slide_id not in found and r.slide_id not in unreadable]
     not_tiled = _tile_missing(missing, tiles_dir, tiling, (tile_px, target_mpp))
@@ -161,7 +118,7 @@ def plan_extraction(records: list[SlideRecord], tiles_dir: Path, output_dir: Pat
         for record in (r for r in records if r.slide_id in found):
             coords_path = tiles_dir / record.slide_id / COORDS_NAME
             n, attrs = found[record.slide_id]
-            if _setting(attrs) != (tile_px, target_mpp):
+            if setting_of(attrs) != (tile_px, target_mpp):
                 rows.append(_record_row(record, FAILED, f"{coords_path}: tiled at {attrs['patch_size']} px, "
                                         f"{attrs['target_mpp']} um/px, but this extraction uses {tile_px} px, "
                                         f"{target_mpp} um/px (from {source}): one extraction needs one tile setting; "

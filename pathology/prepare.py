@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from pathology.cohorts import SlideRecord, resolve_cohorts
+from pathology.tile_setting import refuse_other_setting, resolve_setting
 from pathology.tiling import tile_cohort, tiling_defaults
 from pathology.tissue import TissueParams
 
@@ -33,7 +34,7 @@ def select_slides(args: argparse.Namespace, cohorts, data_root=None, projects=No
 
 def write_samplesheet(records: list[SlideRecord], path: str | Path) -> Path:
     rows = [{"slide_id": r.slide_id, "patient_id": r.patient_id, "slide_path": str(r.slide_path),
-             "mpp": r.mpp, **r.labels} for r in records]
+             "mpp": r.mpp, "project": r.project, **r.labels} for r in records]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(path, index=False)
@@ -48,14 +49,18 @@ def tile_slides(records: list[SlideRecord], out_dir: Path, params: dict, overwri
 
 def prepare(args: argparse.Namespace) -> dict:
     params = tiling_defaults()
-    for flag, key in (("tile_px", "tile_px"), ("target_mpp", "target_mpp"), ("min_tissue", "min_tissue"),
-                      ("workers", "workers")):
+    for flag in ("min_tissue", "workers"):
         if getattr(args, flag) is not None:
-            params[key] = getattr(args, flag)
+            params[flag] = getattr(args, flag)
+    out = Path(args.output_dir)
+    # a rerun, or new slides, without the flags keep the folder's setting; flags that contradict it are refused
+    (params["tile_px"], params["target_mpp"]), source = resolve_setting(out, args.tile_px, args.target_mpp)
+    if not args.overwrite and (args.tile_px is not None or args.target_mpp is not None):
+        refuse_other_setting(out, (params["tile_px"], params["target_mpp"]), source,
+                             "add --overwrite to re-tile the slides of this cohort, or use another --output-dir")
     records = select_slides(args, ["demo"] if not args.cohorts else [])
     if args.write_samplesheet:
         print(f"samplesheet: {write_samplesheet(records, args.write_samplesheet)}")
-    out = Path(args.output_dir)
     rows = tile_slides(records, out, params, args.overwrite)
     summary = rows.groupby("status").size().to_dict() if len(rows) else {}
     print(f"tiled {len(rows)} slide(s) into {out}: {summary}; manifest: {out / 'manifest.csv'}")

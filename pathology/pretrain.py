@@ -12,14 +12,18 @@ from pathology.augment import HEPhotometric
 from pathology.domain import apply_flags
 from pathology.prepare import select_slides, tile_slides
 from pathology.tile_dataset import TileStream
-from pathology.tiling import COORDS_NAME, tiling_defaults
+from pathology.tile_setting import refuse_other_setting
+from pathology.tiling import COORDS_NAME, FAILED, OK, SKIPPED_DONE, tiling_defaults
 
 
 class TileSource:
-    """ImageSource over all tiles of the tiled slides (decoded on demand; no tile dump)."""
+    """ImageSource over all tiles of the tiled slides (decoded on demand; no tile dump). `slides` are
+    (slide file, coords.h5) pairs: the cohort's own paths, not those recorded at tiling time, which may be
+    relative to another folder or point where the slides used to be."""
 
-    def __init__(self, coords_paths: list[Path], tile_px: int, target_mpp: float, seed: int):
-        self.stream = TileStream([str(p) for p in coords_paths], tile_px=tile_px, target_mpp=target_mpp, seed=seed)
+    def __init__(self, slides: list[tuple[Path, Path]], tile_px: int, target_mpp: float, seed: int):
+        self.stream = TileStream([(str(s), str(c)) for s, c in slides], tile_px=tile_px, target_mpp=target_mpp,
+                                 seed=seed)
 
     def __len__(self) -> int:
         return self.stream.total
@@ -35,12 +39,19 @@ def train(args: argparse.Namespace) -> dict:
     records = select_slides(args, p["cohorts"], p["data_root"], p["projects"], p["mpp"])
     params = {**tiling_defaults(), "tile_px": p["tile_px"], "target_mpp": p["target_mpp"],
               "min_tissue": p["min_tissue"], "workers": p["tiling_workers"]}
+    setting = (int(p["tile_px"]), float(p["target_mpp"]))
+    refuse_other_setting(tiles_dir, setting, "the config (pathology.tile_px, pathology.target_mpp)",
+                         "set them to the folder's (--set pathology.tile_px=... --set pathology.target_mpp=...), "
+                         "or use another --tiles-dir")
     rows = tile_slides(records, tiles_dir, params)  # tiles what is not tiled yet (resumable)
-    coords = [tiles_dir / r.slide_id / COORDS_NAME for r in records if (tiles_dir / r.slide_id / COORDS_NAME).is_file()]
-    n_failed = int((rows["status"] == "failed").sum()) if len(rows) else 0
-    if not coords:
-        raise ValueError(f"no slide of the cohort has tiles in {tiles_dir} (see {tiles_dir / 'manifest.csv'})")
-    source = TileSource(coords, p["tile_px"], p["target_mpp"], cfg["data"]["seed"])
+    with_tiles = set(rows.loc[rows["status"].isin([OK, SKIPPED_DONE]) & (rows["n_tiles"] > 0), "slide_id"])
+    slides = [(r.slide_path, tiles_dir / r.slide_id / COORDS_NAME) for r in records if r.slide_id in with_tiles]
+    n_failed = int((rows["status"] == FAILED).sum())
+    if not slides:
+        raise ValueError(f"no slide of the cohort has tiles in {tiles_dir}: {n_failed} failed, "
+                         f"{len(rows) - n_failed} without tissue tiles (see {tiles_dir / 'manifest.csv'})")
+    coords = [c for _, c in slides]
+    source = TileSource(slides, p["tile_px"], p["target_mpp"], cfg["data"]["seed"])
     photometric = HEPhotometric(strength=p["he_strength"], flips=False, rotate90=False)
     rotate = (lambda x: torch.rot90(x, int(torch.randint(4, ())), dims=(-2, -1))) if p["rotate90"] else None
     transform = multicrop_from_config(cfg, photometric=(photometric, photometric, photometric), extra_geometric=rotate)

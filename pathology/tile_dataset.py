@@ -14,6 +14,7 @@ batch size (and one rank) its batches come out in exactly the global order i = s
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -25,10 +26,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from pathology.slides import Slide, open_slide, read_tile_view
+from pathology.slides import Slide, SlideError, open_slide, read_tile_view
 from pathology.tiling import COORDS_NAME, read_coords
 
 _MASK64 = (1 << 64) - 1
+MAX_REPLACEMENTS = 16  # unreadable tiles replaced in a row before a sample gives up
+_REPLACEMENT_STRIDE = 1 << 48  # attempt k of sample i draws as sample i + k * stride: no real index collides
+
+log = logging.getLogger(__name__)
 
 
 def _splitmix64(x: int) -> int:
@@ -112,6 +117,14 @@ class _SlideCache:
             old.close()
         return item
 
+    def drop(self, key: int) -> None:
+        item = self.items.pop(key, None)
+        if item is not None and self.pid == os.getpid():
+            try:
+                item[0].close()
+            except Exception:  # noqa: BLE001 - a handle in an error state may fail to close too
+                pass
+
     def close(self) -> None:
         if self.pid == os.getpid():
             for slide, _ in self.items.values():
@@ -156,6 +169,7 @@ class TileStream(IterableDataset):
         self.shard_block, self.cache_size = max(1, int(shard_block)), cache_size
         self.rank, self.world_size = rank, world_size
         self._cache: _SlideCache | None = None
+        self.unreadable: set[int] = set()  # slides with a tile that could not be read (in this process)
 
     def locate(self, index: int) -> tuple[int, int]:
         """(slide position, tile row in its coords) of global sample `index`."""
@@ -164,15 +178,31 @@ class TileStream(IterableDataset):
         return slide, int(flat - self.offsets[slide])
 
     def sample(self, index: int) -> dict:
-        slide_pos, row = self.locate(index)
+        """Sample `index`. A tile that cannot be read (a damaged region, a slide gone from storage) is
+        replaced by another drawn from (seed, index, attempt), so one bad slide never stops a pretraining
+        run and the stream stays a pure function of (seed, index); each bad slide is logged once."""
         if self._cache is None:
             self._cache = _SlideCache(self.cache_size)
-        slide, coords = self._cache.get(slide_pos, self.slides[slide_pos])
-        x, y = (int(v) for v in coords[row])
-        image = _to_tensor(read_tile_view(slide, x, y, self.tile_px, self.target_mpp))
-        if self.transform is not None:
-            image = self.transform(image)
-        return {"image": image, "index": index, "slide": slide_pos, "coords": torch.tensor([x, y])}
+        failures = []
+        for attempt in range(MAX_REPLACEMENTS + 1):
+            slide_pos, row = self.locate(index + attempt * _REPLACEMENT_STRIDE)
+            try:
+                slide, coords = self._cache.get(slide_pos, self.slides[slide_pos])
+                x, y = (int(v) for v in coords[row])
+                tile = read_tile_view(slide, x, y, self.tile_px, self.target_mpp)
+            except (SlideError, OSError) as err:
+                self._cache.drop(slide_pos)  # OpenSlide leaves a handle unusable after a read error
+                failures.append(str(err))
+                if slide_pos not in self.unreadable:
+                    self.unreadable.add(slide_pos)
+                    log.warning("skipping unreadable tiles (replaced by others): %s", err)
+                continue
+            image = _to_tensor(tile)
+            if self.transform is not None:
+                image = self.transform(image)
+            return {"image": image, "index": index, "slide": slide_pos, "coords": torch.tensor([x, y])}
+        raise SlideError(f"sample {index}: {len(failures)} tiles in a row could not be read, the last: "
+                         f"{failures[-1]} (check the slides' storage, or re-tile the cohort)")
 
     def _shard(self) -> tuple[int, int]:
         rank, world = self.rank, self.world_size

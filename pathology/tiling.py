@@ -119,13 +119,15 @@ def _write_qc_thumbnail(
         image.save(tmp, format="PNG")
 
 
-def _done_summary(coords_path: Path) -> tuple[int, float | None]:
-    """(tile count, slide mpp) of a finished slide, for the manifest rows of skipped slides."""
+def _done_summary(coords_path: Path) -> tuple[int, float | None, tuple[int, float] | None]:
+    """(tile count, slide mpp, (tile px, target mpp)) of a finished slide, for the rows of skipped slides."""
     try:
         with h5py.File(coords_path, "r") as f:
-            return int(f["coords"].shape[0]), float(f["coords"].attrs.get("slide_mpp", np.nan))
+            attrs = f["coords"].attrs
+            setting = (int(attrs["patch_size"]), float(attrs["target_mpp"])) if "patch_size" in attrs else None
+            return int(f["coords"].shape[0]), float(attrs.get("slide_mpp", np.nan)), setting
     except (OSError, KeyError):
-        return -1, None
+        return -1, None, None
 
 
 def _select_tiles(slide, tile_px: int, target_mpp: float, min_tissue: float, params: TissueParams):
@@ -175,16 +177,26 @@ def tile_slide(
 
     if not slide_id or slide_id in (".", "..") or "/" in slide_id or "\\" in slide_id:
         return result(FAILED, f"{slide_path}: slide_id {slide_id!r} cannot be a folder name")
+    def already_tiled() -> TilingResult:
+        n_tiles, mpp, setting = _done_summary(coords_path)
+        if setting is not None and setting != (int(tile_px), float(target_mpp)):
+            return result(FAILED, f"{coords_path}: tiled at {setting[0]} px, {setting[1]:g} um/px, not the "
+                          f"{tile_px} px, {target_mpp:g} um/px asked for; --overwrite re-tiles it", n_tiles, mpp)
+        return result(SKIPPED_DONE, "already tiled", n_tiles, mpp)
+
     if coords_path.exists() and not overwrite:
-        return result(SKIPPED_DONE, "already tiled", *_done_summary(coords_path))
+        return already_tiled()
     lock = ItemLock(coords_path)
     with lock as got:
         if not got:
             return result(LOCKED, f"being tiled by {lock.holder()}")
         if coords_path.exists() and not overwrite:  # finished by another process meanwhile
-            return result(SKIPPED_DONE, "already tiled", *_done_summary(coords_path))
+            return already_tiled()
         remove_stale_temporaries(coords_path)
         remove_stale_temporaries(thumb_path)
+        if overwrite:  # the old outputs go first: a failed re-tiling must not leave them looking done
+            coords_path.unlink(missing_ok=True)
+            thumb_path.unlink(missing_ok=True)
         try:
             with open_slide(slide_path, mpp_override) as slide:
                 thumb, mask, coords, fractions, tile_level0 = _select_tiles(

@@ -48,6 +48,21 @@ def write_sparse_tiff(path: Path, mpp: float = 0.5) -> Path:
     return path
 
 
+def write_damaged_copy(src: Path, dst: Path) -> Path:
+    """`src` with the level-0 tiles of its left half zeroed: readable in places, as after a bad sector or
+    a broken copy (OpenSlide fails on the zeroed tiles, and its handle is unusable after that)."""
+    damaged = bytearray(src.read_bytes())
+    with tifffile.TiffFile(src) as tif:
+        page = tif.pages[0]
+        columns = -(-page.imagewidth // page.tilewidth)
+        spans = list(zip(page.dataoffsets, page.databytecounts))
+    for index, (offset, size) in enumerate(spans):
+        if index % columns < columns // 2:
+            damaged[offset:offset + size] = bytes(size)
+    dst.write_bytes(bytes(damaged))
+    return dst
+
+
 def make_test_slides(root: Path) -> dict[str, Path]:
     """Write every test slide under `root`; returns name -> path."""
     root.mkdir(parents=True, exist_ok=True)
@@ -74,6 +89,7 @@ def make_test_slides(root: Path) -> dict[str, Path]:
     damaged[first:last] = bytes(last - first)
     corrupt.write_bytes(bytes(damaged))
     paths["corrupt"] = corrupt
+    paths["damaged"] = write_damaged_copy(paths["x20"], root / "tissue-damaged.tif")
     notes = root / "notes.svs"
     notes.write_text("this is a text file, not a slide\n")
     paths["nonslide"] = notes

@@ -163,3 +163,43 @@ def test_demo_classes_are_visible_in_224px_tiles(demo_tiles):
         predicted = [min(CLASSES, key=lambda c: np.linalg.norm(f - centroids[c])) for f in features[test]]
         accuracy = np.mean(np.array(predicted) == labels[test])
         assert accuracy > 0.9, (held_out, accuracy)
+
+
+def test_relative_paths_become_absolute(tmp_path, monkeypatch):
+    """Outputs record slide paths and later commands (fm-train, Nextflow tasks) run from other folders."""
+    (tmp_path / "sub").mkdir()
+    pd.DataFrame(dict(slide_path=["../slides/a.svs"], slide_id=["a"], patient_id=["p"])).to_csv(
+        tmp_path / "sub" / "c.csv", index=False)
+    _touch(tmp_path / "gdc" / UUIDS[0] / f"TCGA-05-4244-01Z-00-DX1.{UUIDS[0]}.svs")
+    monkeypatch.chdir(tmp_path)
+    (csv_record,) = resolve_cohorts(["csv:sub/c.csv"])
+    (tcga_record,) = resolve_cohorts(["tcga"], data_root="gdc")
+    assert csv_record.slide_path == tmp_path / "slides" / "a.svs"  # absolute, `..` resolved
+    assert tcga_record.slide_path == tmp_path / "gdc" / UUIDS[0] / f"TCGA-05-4244-01Z-00-DX1.{UUIDS[0]}.svs"
+
+
+def test_projects_of_a_gdc_download_come_from_its_sample_sheet(tmp_path):
+    """`gdc-client download` writes <uuid>/<file>: no project anywhere in the path, and the GDC manifest
+    has no project column. The portal's sample sheet names it."""
+    root = tmp_path / "tcga"
+    names = [f"TCGA-05-4244-01Z-00-DX1.{UUIDS[0]}.svs", f"TCGA-18-3406-01Z-00-DX1.{UUIDS[1]}.svs"]
+    for uuid, name in zip(UUIDS, names):
+        _touch(root / uuid / name)
+    pd.DataFrame(dict(id=UUIDS[:2], filename=names, md5=["x", "y"], size=[1, 2], state=["released"] * 2)).to_csv(
+        root / "gdc_manifest.2024-01-01.txt", sep="\t", index=False)
+    with pytest.raises(CohortError, match="2 slide.s. have no known project.*sample sheet"):
+        resolve_cohorts(["tcga"], data_root=root, projects=["LUAD"])
+    pd.DataFrame({"File ID": UUIDS[:2], "File Name": names, "Data Category": ["Biospecimen"] * 2,
+                  "Data Type": ["Slide Image"] * 2, "Project ID": ["TCGA-LUAD", "TCGA-LUSC"],
+                  "Case ID": ["TCGA-05-4244", "TCGA-18-3406"]}).to_csv(
+        root / "gdc_sample_sheet.2024-01-01.tsv", sep="\t", index=False)
+    (luad,) = resolve_cohorts(["tcga"], data_root=root, projects=["LUAD"])
+    assert luad.slide_id == "TCGA-05-4244-01Z-00-DX1" and luad.project == "TCGA-LUAD"
+    assert luad.slide_path == root / UUIDS[0] / names[0]
+
+
+def test_a_csv_mpp_that_is_not_a_number_names_the_file_and_slide(tmp_path):
+    pd.DataFrame(dict(slide_path=["a.svs", "b.svs"], slide_id=["a", "b"], patient_id=["p", "q"],
+                      mpp=["0.25", "abc"])).to_csv(tmp_path / "c.csv", index=False)
+    with pytest.raises(CohortError, match=r"c\.csv: slide b: mpp 'abc' is not a positive number"):
+        read_csv_cohort(tmp_path / "c.csv")

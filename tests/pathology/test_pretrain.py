@@ -60,3 +60,42 @@ def test_demo_pretraining_learns_tissue_classes(tmp_path):
     acc_init = tile_knn_accuracy(initial, cfg, tiles)
     acc_trained = tile_knn_accuracy(trained, cfg, tiles)
     assert acc_trained > acc_init + 0.2, (acc_init, acc_trained)
+
+
+def test_pretraining_reads_the_cohorts_own_slide_paths_and_one_tile_setting(test_slides, tmp_path, monkeypatch):
+    """Tiles made from relative paths in one folder train from any other folder (the cohort's paths are
+    read, not those recorded at tiling time); a config at another tile setting than the tiles folder is
+    refused; a cohort with no tile at all says so. The training itself is stubbed: only what it gets."""
+    import shutil
+    from types import SimpleNamespace
+
+    import pandas as pd
+    import pytest
+
+    import pathology.pretrain as pretrain
+    from fm.cli import UserError
+
+    got = {}
+    monkeypatch.setattr(pretrain, "run_pretraining", lambda cfg, source, transform, artifacts: got.update(
+        source=source) or SimpleNamespace(export="none", run_id="none"))
+    (tmp_path / "slides").mkdir()
+    shutil.copy(test_slides["x20"], tmp_path / "slides" / "x20.tif")
+    shutil.copy(test_slides["background"], tmp_path / "slides" / "empty.tif")
+    (tmp_path / "sub").mkdir()
+    for name, slides in (("c", ["x20"]), ("empty", ["empty"])):
+        pd.DataFrame(dict(slide_path=[f"../slides/{s}.tif" for s in slides], slide_id=slides,
+                          patient_id=slides)).to_csv(tmp_path / "sub" / f"{name}.csv", index=False)
+    monkeypatch.chdir(tmp_path)
+    invoke("prepare", ["pathology", "--cohorts", "csv:sub/c.csv", "--output-dir", "tiles", "--tile-px", "64",
+                       "--target-mpp", "1.0"])
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    train = ["pathology", "--config", str(DEMO_CONFIG), "--tiles-dir", str(tmp_path / "tiles"),
+             "--output-dir", str(tmp_path / "run")]
+    invoke("train", [*train, "--cohorts", f"csv:{tmp_path / 'sub' / 'c.csv'}"])
+    assert got["source"].get(0).shape == (3, 64, 64) and got["source"].stream.unreadable == set()
+
+    with pytest.raises(UserError, match=r"1 slide\(s\) at 64 px at 1 um/px.*pathology.tile_px"):
+        invoke("train", [*train, "--cohorts", f"csv:{tmp_path / 'sub' / 'c.csv'}", "--set", "pathology.tile_px=224"])
+    with pytest.raises(ValueError, match="no slide of the cohort has tiles.*1 without tissue tiles"):
+        invoke("train", [*train, "--cohorts", f"csv:{tmp_path / 'sub' / 'empty.csv'}"])

@@ -110,3 +110,44 @@ def test_tile_dataset_returns_tiles_and_coords_of_one_slide(demo_tiles):
     loaded = list(DataLoader(dataset, batch_size=4, num_workers=2))
     assert torch.equal(torch.cat([c for _, c in loaded]), torch.from_numpy(coords))
     assert torch.equal(loaded[0][0][2], tile)
+
+
+def test_unreadable_tiles_are_replaced_and_the_stream_stays_seeded(test_slides, tmp_path):
+    """A slide damaged after tiling (here: half its level-0 tiles zeroed) must not stop pretraining:
+    its unreadable tiles are replaced by others drawn from (seed, index), its readable ones still come."""
+    from pathology.slides import SlideError, read_tile_view
+    from pathology.tiling import tile_slide
+
+    out = tmp_path / "tiles"
+    for name in ("x20", "x40"):
+        assert tile_slide(test_slides[name], out, name).status == "ok"
+    sources = [(str(test_slides["damaged"]), out / "x20" / "coords.h5"),
+               (str(test_slides["x40"]), out / "x40" / "coords.h5")]
+    coords, _ = read_coords(out / "x20" / "coords.h5")
+
+    def readable(x, y):
+        with open_slide(test_slides["damaged"]) as slide:
+            try:
+                read_tile_view(slide, int(x), int(y), 224, 0.5)
+                return True
+            except SlideError:
+                return False
+
+    good = {tuple(int(v) for v in c) for c in coords if readable(*c)}
+    assert 0 < len(good) < len(coords)  # the control: the damaged copy fails on some tiles, not all
+
+    stream = TileStream(sources, seed=0)
+    items = [stream.sample(i) for i in range(80)]
+    again = TileStream(sources, seed=0)
+    assert all(torch.equal(a["image"], again.sample(a["index"])["image"]) for a in items[::7])
+    assert stream.unreadable == {0}
+    damaged = [a for a in items if a["slide"] == 0]
+    assert all(tuple(a["coords"].tolist()) in good for a in damaged)
+    first_failure = next(i for i in range(80) if stream.locate(i)[0] == 0
+                         and tuple(int(v) for v in coords[stream.locate(i)[1]]) not in good)
+    # the handle is reopened after a read error: readable tiles of the slide still come after it
+    assert any(a["index"] > first_failure for a in damaged)
+
+    gone = TileStream([(str(tmp_path / "moved-away.tif"), out / "x20" / "coords.h5")], seed=0)
+    with pytest.raises(SlideError, match="moved-away.tif"):
+        gone.sample(0)

@@ -288,3 +288,52 @@ def test_sigterm_to_the_job_releases_every_lock_and_records_the_finished_slides(
     recorded = set(manifest.loc[manifest["status"] == "ok", "slide_id"])
     assert recorded and recorded <= done and "failed" not in set(manifest["status"])
     assert "terminated (SIGTERM)" in err
+
+
+def _csv_cohort(path: Path, slides: dict[str, Path]) -> str:
+    pd.DataFrame(dict(slide_path=[str(p) for p in slides.values()], slide_id=list(slides),
+                      patient_id=[f"P-{n}" for n in slides])).to_csv(path, index=False)
+    return f"csv:{path}"
+
+
+def _setting(coords_path: Path) -> tuple[int, float]:
+    attrs = read_coords(coords_path)[1]
+    return int(attrs["patch_size"]), float(attrs["target_mpp"])
+
+
+def test_a_tiles_folder_keeps_one_tile_setting(test_slides, tmp_path):
+    """A rerun or a grown cohort without the flags keeps the folder's setting; flags that contradict it are
+    refused (they used to report `skipped_done` and leave the old tiles, which pretraining then read at
+    the new setting); --overwrite re-tiles."""
+    from fm.cli import UserError, invoke
+
+    out = tmp_path / "tiles"
+    first = _csv_cohort(tmp_path / "one.csv", {"x20": test_slides["x20"]})
+    invoke("prepare", ["pathology", "--cohorts", first, "--output-dir", str(out), "--tile-px", "112",
+                       "--target-mpp", "1.0"])
+    grown = _csv_cohort(tmp_path / "two.csv", {"x20": test_slides["x20"], "x40": test_slides["x40"]})
+    invoke("prepare", ["pathology", "--cohorts", grown, "--output-dir", str(out)])
+    assert _setting(out / "x40" / "coords.h5") == (112, 1.0)  # the folder's setting, not the defaults
+
+    with pytest.raises(UserError, match=r"2 slide\(s\) at 112 px at 1 um/px.*--tile-px 224.*--overwrite"):
+        invoke("prepare", ["pathology", "--cohorts", grown, "--output-dir", str(out), "--tile-px", "224"])
+    assert _setting(out / "x20" / "coords.h5") == (112, 1.0)
+    invoke("prepare", ["pathology", "--cohorts", grown, "--output-dir", str(out), "--tile-px", "224",
+                       "--overwrite"])
+    assert _setting(out / "x20" / "coords.h5") == _setting(out / "x40" / "coords.h5") == (224, 1.0)
+
+    # a single slide asked at another setting (the API, or a mixed folder) fails by name, tiles untouched
+    other = tile_slide(test_slides["x20"], out, "x20", tile_px=224, target_mpp=0.5)
+    assert other.status == FAILED and "224 px, 1 um/px" in other.reason and "--overwrite" in other.reason
+    assert _setting(out / "x20" / "coords.h5") == (224, 1.0)
+
+
+def test_a_failed_overwrite_leaves_no_old_outputs_looking_done(test_slides, tmp_path):
+    slide = tmp_path / "s.tif"
+    slide.write_bytes(test_slides["x20"].read_bytes())
+    assert tile_slide(slide, tmp_path / "tiles", "s").status == OK
+    slide.write_text("replaced by something that is not a slide")
+    assert tile_slide(slide, tmp_path / "tiles", "s", overwrite=True).status == FAILED
+    assert not (tmp_path / "tiles" / "s" / "coords.h5").exists()
+    assert not (tmp_path / "tiles" / "s" / "thumbnail.png").exists()
+    assert tile_slide(slide, tmp_path / "tiles", "s").status == FAILED  # not `skipped_done` on stale tiles
