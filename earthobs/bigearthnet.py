@@ -120,6 +120,9 @@ def multi_hot(indices: Sequence[int], num_classes: int = len(BEN19_CLASSES)) -> 
 
 def v1_labels_to_19(names: Sequence[str], source: str | os.PathLike = "<labels>") -> np.ndarray:
     """43-class v1 label names -> 19-class multi-hot; unknown names raise naming `source`."""
+    not_text = [n for n in names if not isinstance(n, str)]
+    if not_text:
+        raise EOReadError(source, f"label entries must be class names (strings), got {not_text[:3]}")
     unknown = [n for n in names if n not in BEN43_TO_19]
     if unknown:
         raise EOReadError(source, f"unknown BigEarthNet-43 label(s) {unknown}")
@@ -143,6 +146,9 @@ def read_labels_json(path: str | os.PathLike) -> dict:
     meta = read_json(path)
     if not isinstance(meta, dict) or not isinstance(meta.get("labels"), list):
         raise EOReadError(path, "has no 'labels' list")
+    not_text = [n for n in meta["labels"] if not isinstance(n, str)]
+    if not_text:
+        raise EOReadError(path, f"'labels' must list class names (strings), got {not_text[:3]}")
     return meta
 
 
@@ -199,12 +205,21 @@ class BigEarthNetV1(Dataset):
             if path is None:
                 raise FileNotFoundError(f"no split file for {self.split!r} in {split_dir} (looked for {names})")
             rows = _read_split_csv(path)
+            if not rows:
+                raise ValueError(f"split file {path} lists no patches")
         elif self.sensor == "s1" and not any(self.s2_root.glob("S2*")):
-            rows = [(self._s2_name_of_s1(d), d.name) for d in sorted(self.s1_root.iterdir()) if d.name.startswith("S1")]
+            if not self.s1_root.is_dir():
+                raise FileNotFoundError(f"BigEarthNet S1 folder not found: {self.s1_root}")
+            rows = [(self._s2_name_of_s1(d), d.name) for d in sorted(self.s1_root.iterdir())
+                    if d.is_dir() and d.name.startswith("S1")]
+            if not rows:
+                raise self._no_patches("S1*", self.s1_root)
         else:
             if not self.s2_root.is_dir():
                 raise FileNotFoundError(f"BigEarthNet S2 folder not found: {self.s2_root}")
             rows = [(d.name, None) for d in sorted(self.s2_root.iterdir()) if d.is_dir() and d.name.startswith("S2")]
+            if not rows:
+                raise self._no_patches("S2*", self.s2_root)
         if self.sensor != "s2" and any(s1 is None for _, s1 in rows):
             mapping = self._s2_to_s1()
             missing = [s2 for s2, s1 in rows if s1 is None and s2 not in mapping]
@@ -214,10 +229,18 @@ class BigEarthNetV1(Dataset):
             rows = [(s2, s1 or mapping[s2]) for s2, s1 in rows]
         return rows
 
+    def _no_patches(self, pattern: str, folder: Path) -> FileNotFoundError:
+        """A root without patch folders: usually the wrong level of the tree, so show what it holds."""
+        held = sorted(d.name + "/" for d in folder.iterdir() if d.is_dir())
+        shown = f"; it holds {', '.join(held[:5])}{' ...' if len(held) > 5 else ''}" if held else "; it is empty"
+        return FileNotFoundError(
+            f"no {pattern} patch folders under {folder} (expected BigEarthNet-v1.0/ and BigEarthNet-S1-v1.0/ with "
+            f"one folder per patch, or --root pointing at a folder of patches){shown}")
+
     def _s2_name_of_s1(self, folder: Path) -> str:
         meta = read_labels_json(folder / f"{folder.name}_labels_metadata.json")
-        if "corresponding_s2_patch" not in meta:
-            raise EOReadError(folder / f"{folder.name}_labels_metadata.json", "has no 'corresponding_s2_patch'")
+        if not isinstance(meta.get("corresponding_s2_patch"), str):
+            raise EOReadError(folder / f"{folder.name}_labels_metadata.json", "has no 'corresponding_s2_patch' name")
         return meta["corresponding_s2_patch"]
 
     def _s2_to_s1(self) -> dict[str, str]:

@@ -13,7 +13,7 @@ import argparse
 import copy
 from pathlib import Path
 
-from earthobs.choices import DATASETS, DTYPES, INIT_MODES, PROTOCOLS
+from earthobs.choices import DATASETS, DTYPES, INIT_MODES, NAN_POLICIES, PROTOCOLS
 from fm.config import apply_flags, resolve_config
 from fm.domains import Command, Domain
 from fm.train_args import add_train_args, apply_train_flags
@@ -22,9 +22,9 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 PRESETS = ("softcon_vitb14_s2", "demo_cpu")
 
 TRAIN_FLAGS = {"modality": "data.modality", "data": "data.source", "labels": "data.labels",
-               "packed": "data.packed_dir", "init_mode": "model.init_mode"}
+               "packed": "data.packed_dir", "init_mode": "model.init_mode", "nan_policy": "data.nan_policy"}
 EVAL_FLAGS = {"encoder": "encoder", "weights": "weights", "root": "root", "packed": "packed_dir",
-              "version": "version", "modality": "modality", "protocol": "protocol",
+              "version": "version", "modality": "modality", "nan_policy": "nan_policy", "protocol": "protocol",
               "train_fraction": "train_fraction", "seed": "seed", "splits": "splits", "image_size": "image_size",
               "batch_size": "batch_size", "num_workers": "num_workers", "device": "device",
               "output_dir": "output_dir"}
@@ -42,6 +42,8 @@ def add_train_cli(p: argparse.ArgumentParser) -> None:
                    help="[data.modality] s2: 13-band L1C (zero B10 for 12-band data); s1: [VV, VH]")
     g.add_argument("--labels", metavar="JSON", help="[data.labels] SSL4EO-S12 Dynamic World multi-hot labels")
     g.add_argument("--packed", metavar="DIR", help="[data.packed_dir] pack the training split here once, then memory-map it")
+    g.add_argument("--nan-policy", choices=NAN_POLICIES, help="[data.nan_policy] NaN/inf/nodata pixels in the "
+                   "GeoTIFFs: raise (the patch stops the run; a --packed cache skips it) or zero (fill with 0)")
     g.add_argument("--init", dest="init", metavar="ENCODER",
                    help="[model.init] same as --from: registered encoder (dinov2/vitb14) or checkpoint to continue")
     g.add_argument("--init-mode", choices=["auto", *INIT_MODES],
@@ -111,15 +113,23 @@ def add_prepare_cli(p: argparse.ArgumentParser) -> None:
     p.add_argument("dataset", choices=DATASETS, help="data set to pack")
     p.add_argument("--root", help="the data set's folder (demo: cache dir of the generated scenes)")
     p.add_argument("--output-dir", "--out", dest="out", required=True,
-                   help="cache root: packs go to <output-dir>/<dataset>/<sensor>/<split>")
+                   help="cache root: packs go to <output-dir>/<dataset>/<sensor>/<split>, where bigearthnet is "
+                        "bigearthnet-v1 or -v2 (v2 when the root holds metadata.parquet), as fm-eval/fm-train --packed read it")
     p.add_argument("--split", default="train", help="split to pack, or 'all' (default: train)")
     p.add_argument("--sensor", default="s2", help="s2 | s1 | s1s2 (BigEarthNet); s2 | s1 (SSL4EO-S12)")
-    p.add_argument("--dtype", default="float16", choices=DTYPES)
+    p.add_argument("--dtype", choices=DTYPES, help="float16 (default for a new cache) | float32 | uint16; an "
+                   "existing cache of another dtype is refused (use --overwrite)")
     p.add_argument("--fraction", type=float, help="pack only this fraction (the saved, seeded subset list)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--labels", help="SSL4EO-S12 labels JSON")
+    p.add_argument("--nan-policy", choices=NAN_POLICIES, default="raise",
+                   help="NaN/inf/nodata pixels: raise (the patch is skipped and listed) or zero (fill with 0)")
     p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="repack even when a cache exists (else one packed for another request is refused)")
+
+
+SKIPS_SHOWN = 5  # skipped samples fm-prepare prints; meta.json lists them all
 
 
 def prepare_cmd(args: argparse.Namespace) -> Path:
@@ -132,9 +142,15 @@ def prepare_cmd(args: argparse.Namespace) -> Path:
     kwargs = {"labels": args.labels} if args.labels else {}
     path = prepare(args.dataset, args.root, args.out, split=None if args.split == "all" else args.split,
                    sensor=args.sensor, dtype=args.dtype, fraction=args.fraction, seed=args.seed,
-                   num_workers=args.num_workers, overwrite=args.overwrite, **kwargs)
+                   num_workers=args.num_workers, overwrite=args.overwrite, nan_policy=args.nan_policy, **kwargs)
     meta = json.loads((path / "meta.json").read_text())
-    print(f"packed {meta['n']} samples ({len(meta['skipped'])} skipped) into {path}")
+    skipped = meta["skipped"]
+    print(f"packed {meta['n']} samples ({len(skipped)} skipped) into {path}")
+    for item in skipped[:SKIPS_SHOWN]:
+        print(f"  skipped {item['id']}: {item['error']}")
+    if skipped:
+        more = f"{len(skipped) - SKIPS_SHOWN} more; " if len(skipped) > SKIPS_SHOWN else ""
+        print(f"  ({more}every skipped sample and why: \"skipped\" in {path / 'meta.json'})")
     return path
 
 
@@ -149,6 +165,8 @@ def add_eval_cli(p: argparse.ArgumentParser) -> None:
     g.add_argument("--packed", metavar="DIR", help="[packed_dir] pack the splits here once and memory-map them")
     g.add_argument("--version", choices=["auto", "v1", "v2"], help="[version] BigEarthNet version")
     g.add_argument("--modality", choices=["s2", "s1"], help="[modality]")
+    g.add_argument("--nan-policy", choices=NAN_POLICIES, help="[nan_policy] NaN/inf/nodata pixels in the GeoTIFFs: "
+                   "raise (the patch is skipped) or zero (fill with 0)")
     g.add_argument("--protocol", choices=PROTOCOLS, help="[protocol]")
     g.add_argument("--train-fraction", type=float, help="[train_fraction] e.g. 0.1 for BigEarthNet-10 %%")
     g.add_argument("--seed", type=int, help="[seed] draws the training subset and seeds the probe")

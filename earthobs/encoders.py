@@ -8,7 +8,9 @@ normalisation (`earthobs.normalize`, kind `softcon`), so the registry's mean/std
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from earthobs.bands import S1_BANDS, S2_L1C_BANDS
 from fm.backbones import BackboneConfig
@@ -31,6 +33,7 @@ class EOEncoderInfo:
     modality: str
     norm_kind: str
     norm_stats: str
+    filenames: tuple[str, ...] = ()  # the registry spec's weights file names
 
 
 EO_ENCODERS: dict[str, EOEncoderInfo] = {}
@@ -48,12 +51,13 @@ def _register_softcon() -> None:
         for modality, (prefix, bands, stats, description) in _MODALITIES.items():
             name = f"earthobs/softcon-{model}-{modality}"
             stem = f"{prefix}_{model}_softcon"
+            filenames = (f"{stem}.pth", f"{stem}_enc.pth")
             register_encoder(EncoderSpec(
                 name=name,
                 backbone=BackboneConfig(arch=arch, patch_size=14, img_size=224, in_chans=len(bands),
                                         num_registers=0, layerscale_init=1e-5, drop_path_rate=0.0),
                 weights_format="dinov2-meta",
-                filenames=[f"{stem}.pth", f"{stem}_enc.pth"],
+                filenames=list(filenames),
                 hf_repo=SOFTCON_HF_REPO,
                 url=f"https://huggingface.co/{SOFTCON_HF_REPO}/resolve/main/{stem}.pth",
                 mean=(0.0,) * len(bands),
@@ -68,7 +72,7 @@ def _register_softcon() -> None:
                        + f"; {stem}_enc.pth is torchgeo's timm-layout copy"),
             ))
             EO_ENCODERS[name] = EOEncoderInfo(bands=tuple(bands), modality=modality, norm_kind="softcon",
-                                              norm_stats=stats)
+                                              norm_stats=stats, filenames=filenames)
 
 
 def encoder_bands(name: str) -> tuple[str, ...]:
@@ -76,6 +80,13 @@ def encoder_bands(name: str) -> tuple[str, ...]:
     if name not in EO_ENCODERS:
         raise KeyError(f"{name!r} is not an earth-observation encoder; known: {sorted(EO_ENCODERS)}")
     return EO_ENCODERS[name].bands
+
+
+def eo_encoder_for_file(path: str | os.PathLike) -> str | None:
+    """The registered EO encoder whose weights file has this file name (`B13_vits14_softcon.pth` ...):
+    a local copy passed as --encoder PATH gets that entry's bands and scaling."""
+    name = Path(path).name
+    return next((n for n, info in EO_ENCODERS.items() if name in info.filenames), None)
 
 
 _register_softcon()

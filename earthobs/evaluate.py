@@ -28,7 +28,7 @@ from earthobs.bands import S1_BANDS, canonical_bands
 from earthobs.choices import PROTOCOLS
 from earthobs.ms_augment import resize
 from earthobs.normalize import DATASET_STATS, S1_CLIP_QUANTILES, encoder_norm, stats_spec
-from earthobs.readers import EOReadError
+from earthobs.readers import EOReadError, no_readable_sample
 from earthobs.softcon_module import EXPORT_META_KEY, input_bands_of
 from earthobs.ssl_data import to_model_bands
 from evaluation import metrics as M
@@ -62,15 +62,30 @@ class EOEncoder:
 
 
 def load_eo_encoder(name_or_path: str, weights: str | None = None) -> EOEncoder:
-    """Any registered encoder or checkpoint (ours, SoftCon's, DINOv2's) as an `EOEncoder`."""
-    from fm.registry import load_encoder
+    """Any registered encoder or checkpoint (ours, SoftCon's, DINOv2's) as an `EOEncoder`.
+
+    A local file gets the input handling of the EO registry entry with its file name (SoftCon's
+    `B13_vits14_softcon.pth`, ...); any other file that names no mean/std of its own and takes other than
+    3 (RGB) channels gets the EO scaling alone (SoftCon's per-band scaling, identity mean/std), since the
+    ImageNet mean/std the core assumes for foreign files are RGB values."""
+    from earthobs.encoders import EO_ENCODERS, eo_encoder_for_file
+    from fm.registry import get_encoder_spec, load_encoder
 
     loaded = load_encoder(name_or_path, weights=weights)
-    bands = input_bands_of(loaded)
     meta = json.loads(loaded.meta.get(EXPORT_META_KEY) or "{}")
-    kind = meta.get("norm_kind") or encoder_norm(loaded.spec.name).kind
-    return EOEncoder(loaded.backbone, str(name_or_path), bands, kind, loaded.spec.mean, loaded.spec.std,
-                     loaded.backbone.cfg.img_size)
+    by_file = None
+    if not meta and loaded.spec.name not in EO_ENCODERS and loaded.weights_path is not None:
+        by_file = eo_encoder_for_file(loaded.weights_path)
+        if by_file is not None and len(EO_ENCODERS[by_file].bands) != loaded.backbone.cfg.in_chans:
+            by_file = None  # only the name matches
+    spec = get_encoder_spec(by_file) if by_file else loaded.spec
+    bands = EO_ENCODERS[by_file].bands if by_file else input_bands_of(loaded)
+    kind = meta.get("norm_kind") or encoder_norm(spec.name).kind
+    mean, std = spec.mean, spec.std
+    if len(mean) != len(bands) and "mean" not in loaded.meta:  # the core's RGB defaults on a multispectral file
+        log.info("encoder %s: %d input bands, no mean/std of its own: SoftCon scaling only", name_or_path, len(bands))
+        mean, std = (), ()
+    return EOEncoder(loaded.backbone, str(name_or_path), bands, kind, mean, std, loaded.backbone.cfg.img_size)
 
 
 class EncoderInput:
@@ -140,6 +155,13 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
 
 
+def _location(dataset) -> str:
+    """Where a data set's samples come from, for messages: its root or packed folder."""
+    inner = getattr(dataset, "dataset", dataset)
+    where = getattr(inner, "root", None) or getattr(inner, "path", None)
+    return str(where) if where is not None else type(inner).__name__
+
+
 @torch.no_grad()
 def extract_features(encoder: EOEncoder, dataset, transform: EncoderInput, batch_size: int = 64,
                      num_workers: int = 0, device: str = "cpu") -> Features:
@@ -163,7 +185,7 @@ def extract_features(encoder: EOEncoder, dataset, transform: EncoderInput, batch
     for s in skipped:
         log.warning("skipped unreadable sample %s: %s", s["id"], s["error"])
     if not rows:
-        raise RuntimeError(f"no sample of {len(ids)} could be read; first errors: {skipped[:3]}")
+        raise no_readable_sample(len(ids), _location(dataset), skipped)
     return Features(torch.cat(cls).numpy(), torch.cat(last4).numpy(), torch.cat(labels).numpy(),
                     [ids[r] for r in rows], skipped)
 
@@ -249,14 +271,10 @@ TASKS = {"bigearthnet": True, "eurosat": False}  # task -> multi-label?
 
 
 def dataset_name(task: str, cfg: dict) -> str:
-    if task == "eurosat":
-        return "eurosat"
-    version = cfg["version"]
-    if version == "auto":
-        version = "v2" if (Path(cfg["root"]) / "metadata.parquet").is_file() else "v1"
-    if version not in ("v1", "v2"):
-        raise ValueError(f"BigEarthNet version must be auto, v1 or v2, got {version!r}")
-    return f"bigearthnet-{version}"
+    """The data set of a task, named as fm-prepare names it (`packed.resolve_dataset_name`)."""
+    from earthobs.packed import resolve_dataset_name
+
+    return "eurosat" if task == "eurosat" else resolve_dataset_name("bigearthnet", cfg["root"], cfg["version"])
 
 
 def _subset_path(cfg: dict, name: str, split: str | None) -> Path:
@@ -274,10 +292,11 @@ def eval_split(name: str, cfg: dict, split: str | None, subset: bool = False):
         raise ValueError("--root is required: the data set's folder")
     if cfg["packed_dir"]:
         packed = PackedDataset(prepare(name, root, cfg["packed_dir"], split=split, sensor=cfg["modality"],
-                                       fraction=fraction, seed=cfg["seed"], num_workers=cfg["num_workers"]))
+                                       fraction=fraction, seed=cfg["seed"], num_workers=cfg["num_workers"],
+                                       nan_policy=cfg["nan_policy"]))
         saved = packed.meta["source"].get("subset_file")
         return packed, Path(saved) if saved else None
-    dataset = build_dataset(name, root, split=split, sensor=cfg["modality"])
+    dataset = build_dataset(name, root, split=split, sensor=cfg["modality"], nan_policy=cfg["nan_policy"])
     if not subset:
         return dataset, None
     path = _subset_path(cfg, name, split)

@@ -16,13 +16,17 @@ once and writes
 half-written cache is never visible. Items that fail to read (`EOReadError`, `OSError`) are skipped
 and listed in `meta.json["skipped"]`; they never stop the run.
 
+`meta.json` also records the request (data set, absolute root, split, sensor, fraction/seed, NaN policy,
+labels file, dtype, a digest of the sample ids). A later call for the same folder gets the cache back only
+when its request matches; any other request is refused (`CacheMismatchError`) rather than silently
+served data it did not ask for. `overwrite` repacks.
+
 float16 keeps 11 significant bits (S2 DN to +-0.05 %, S1 dB to +-0.016 at -40 dB); values beyond
 +-65504 are clipped and counted in `meta.json["clipped_values"]`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -34,11 +38,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from earthobs.cache_request import check_cache, ids_digest
 from earthobs.choices import DATASETS, DTYPES
-from earthobs.readers import EOReadError
+from earthobs.readers import EOReadError, NoReadableSampleError, no_readable_sample
 from fm.io import ItemLock, atomic_write_text
 
 FORMAT = "fm-packed-v1"
+DEFAULT_DTYPE = "float16"
 _F16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -85,8 +91,8 @@ def _identity(item: dict) -> dict:
     return item
 
 
-def _ids_digest(ids: Sequence[str]) -> str:
-    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+def _where(source: dict, dataset) -> str:
+    return str(source.get("root") or type(getattr(dataset, "dataset", dataset)).__name__)
 
 
 def _to_dtype(image: np.ndarray, dtype: str, where: str) -> tuple[np.ndarray, int]:
@@ -101,54 +107,64 @@ def _to_dtype(image: np.ndarray, dtype: str, where: str) -> tuple[np.ndarray, in
     return np.clip(np.rint(image), 0, 65535).astype(np.uint16), clipped
 
 
-def pack_split(dataset, out_path: str | os.PathLike, dtype: str = "float16", num_workers: int = 0,
+def pack_split(dataset, out_path: str | os.PathLike, dtype: str | None = None, num_workers: int = 0,
                overwrite: bool = False, source: dict | None = None, flush_every: int = 256) -> Path:
     """Write `dataset` (items with image/label/id; `.ids`, `.bands` attributes) to a packed cache at
-    `out_path` and return it. An existing complete cache is returned as is unless `overwrite`."""
-    if dtype not in DTYPES:
+    `out_path` and return it. `dtype` None: DEFAULT_DTYPE for a new cache, any for an existing one.
+    An existing complete cache is returned as is when `check_cache` finds it packed for this request
+    (`source`, dtype, ids), refused when not; `overwrite` repacks it."""
+    if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    out = Path(out_path)
-    if (out / "meta.json").is_file() and not overwrite:
-        return out
+    out, source = Path(out_path), dict(source or {})
     ids = [str(i) for i in dataset.ids]
     if len(ids) != len(dataset):
         raise ValueError(f"dataset has {len(dataset)} items but {len(ids)} ids")
+    if not ids:
+        raise NoReadableSampleError(f"nothing to pack into {out}: {_where(source, dataset)} holds no samples")
+    if (out / "meta.json").is_file() and not overwrite:
+        check_cache(out, dtype, source, ids)
+        return out
     with ItemLock(out) as got:
         if not got:
             raise RuntimeError(f"{out} is being packed by another process (lock file {out}.lock)")
+        if (out / "meta.json").is_file() and not overwrite:  # finished by another process meanwhile
+            check_cache(out, dtype, source, ids)
+            return out
         transforms = getattr(dataset, "transforms", None)
         if transforms is not None:  # the cache holds raw values; transforms run when reading it
             dataset.transforms = None
         try:
-            _pack_locked(dataset, ids, out, dtype, num_workers, source or {}, flush_every)
+            _pack_locked(dataset, ids, out, dtype, num_workers, source, flush_every)
         finally:
             if transforms is not None:
                 dataset.transforms = transforms
     return out
 
 
-def _pack_locked(dataset, ids: list[str], out: Path, dtype: str, num_workers: int, source: dict,
+def _pack_locked(dataset, ids: list[str], out: Path, dtype: str | None, num_workers: int, source: dict,
                  flush_every: int) -> None:
     partial = out.with_name(out.name + ".partial")
     plan_path, progress_path = partial / "plan.json", partial / "progress.json"
-    n, digest = len(ids), _ids_digest(ids)
+    n, digest = len(ids), ids_digest(ids)
     state = {"next": 0, "written": 0, "skipped": [], "clipped_values": 0}
     plan = None
     if plan_path.is_file() and progress_path.is_file():
         plan = json.loads(plan_path.read_text())
-        if plan.get("ids_sha256") == digest and plan.get("dtype") == dtype:
-            state = json.loads(progress_path.read_text())
+        if plan.get("ids_sha256") == digest and dtype in (None, plan.get("dtype")) and plan.get("source") == source:
+            state, dtype = json.loads(progress_path.read_text()), plan["dtype"]
         else:
             plan = None
     if plan is None and partial.exists():
         shutil.rmtree(partial)
+    dtype = dtype or DEFAULT_DTYPE
     arrays: dict[str, np.ndarray] = {}
 
     def open_arrays(first: dict) -> dict:
         nonlocal plan
         if plan is None:
             partial.mkdir(parents=True, exist_ok=True)
-            plan = {"ids_sha256": digest, "n": n, "dtype": dtype, "image_shape": list(first["image"].shape),
+            plan = {"ids_sha256": digest, "n": n, "dtype": dtype, "source": source,
+                    "image_shape": list(first["image"].shape),
                     "label_shape": list(first["label"].shape), "label_dtype": first["label"].dtype.name,
                     "has_label": "has_label" in first}
             specs = {"images": (dtype, plan["image_shape"]), "labels": (plan["label_dtype"], plan["label_shape"]),
@@ -195,7 +211,7 @@ def _pack_locked(dataset, ids: list[str], out: Path, dtype: str, num_workers: in
             save_progress()
     save_progress()
     if not arrays:
-        raise RuntimeError(f"no sample of {n} could be read for {out}; first errors: {state['skipped'][:3]}")
+        raise no_readable_sample(n, _where(source, dataset), state["skipped"])
     _finalize(partial, out, arrays, plan, state, ids, dataset, source)
 
 
@@ -219,6 +235,7 @@ def _finalize(partial: Path, out: Path, arrays: dict, plan: dict, state: dict, i
         "label_shape": plan["label_shape"], "label_dtype": plan["label_dtype"], "has_label": plan["has_label"],
         "bands": list(bands) if bands is not None else None, "normalised": False,
         "source": {"dataset": type(getattr(dataset, "dataset", dataset)).__name__, **source},
+        "n_requested": len(ids), "sorted_ids_sha256": ids_digest(sorted(ids)),
         "skipped": state["skipped"], "clipped_values": state["clipped_values"],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -284,13 +301,32 @@ class PackedDataset(Dataset):
 
 
 # ---- entry point for `fm-prepare earthobs <dataset>` --------------------------------------------------
+def resolve_dataset_name(dataset_name: str, root: str | os.PathLike | None, version: str = "auto") -> str:
+    """The data set a name means, as fm-prepare, fm-train and fm-eval all read it (so they find one
+    another's caches): `bigearthnet` is bigearthnet-v2 when `root` holds metadata.parquet (reBEN), else
+    bigearthnet-v1, unless `version` (v1 / v2) says which."""
+    name = dataset_name.lower()
+    if name not in DATASETS:
+        raise ValueError(f"unknown EO data set {dataset_name!r}; expected one of {DATASETS}")
+    if name != "bigearthnet":
+        return name
+    if version == "auto":
+        if root is None:
+            raise ValueError("--root is required: the BigEarthNet folder (v1 patches, or v2 with metadata.parquet)")
+        version = "v2" if (Path(root).expanduser() / "metadata.parquet").is_file() else "v1"
+    if version not in ("v1", "v2"):
+        raise ValueError(f"BigEarthNet version must be auto, v1 or v2, got {version!r}")
+    return f"bigearthnet-{version}"
+
+
 def build_dataset(dataset_name: str, root: str | os.PathLike | None, split: str | None = "train",
                   sensor: str = "s2", **kwargs) -> Dataset:
-    """Our data set class for `dataset_name` (one of DATASETS). `sensor`: s2 / s1 / s1s2 for
-    BigEarthNet; s2c / s2a / s1 (s2 = s2c) for SSL4EO-S12; ignored for EuroSAT. For "demo", `root`
-    is the cache dir of the generated scenes (default $FM_CACHE_DIR); `n` and `demo_seed` choose them."""
-    name = dataset_name.lower()
-    if name in ("bigearthnet", "bigearthnet-v1"):
+    """Our data set class for `dataset_name` (one of DATASETS; `bigearthnet` by `resolve_dataset_name`).
+    `sensor`: s2 / s1 / s1s2 for BigEarthNet; s2c / s2a / s1 (s2 = s2c) for SSL4EO-S12; ignored for
+    EuroSAT. For "demo", `root` is the cache dir of the generated scenes (default $FM_CACHE_DIR); `n` and
+    `demo_seed` choose them. `kwargs` go to the data set (e.g. nan_policy, labels)."""
+    name = resolve_dataset_name(dataset_name, root)
+    if name == "bigearthnet-v1":
         from earthobs.bigearthnet import BigEarthNetV1
 
         return BigEarthNetV1(root, split=split, sensor=sensor, **kwargs)
@@ -306,37 +342,44 @@ def build_dataset(dataset_name: str, root: str | os.PathLike | None, split: str 
         from earthobs.ssl4eo import SSL4EOS12
 
         return SSL4EOS12(root, modality={"s2": "s2c"}.get(sensor, sensor), **kwargs)
-    if name == "demo":
-        from earthobs.bigearthnet import BigEarthNetV1
-        from earthobs.demo_scenes import demo_bigearthnet
+    from earthobs.bigearthnet import BigEarthNetV1  # demo
+    from earthobs.demo_scenes import demo_bigearthnet
 
-        demo = {"n": kwargs.pop("n", 150), "seed": kwargs.pop("demo_seed", 0)}
-        return BigEarthNetV1(demo_bigearthnet(cache_dir=root, **demo), split=split, sensor=sensor, **kwargs)
-    raise ValueError(f"unknown EO data set {dataset_name!r}; expected one of {DATASETS}")
+    demo = {"n": kwargs.pop("n", 150), "seed": kwargs.pop("demo_seed", 0)}
+    return BigEarthNetV1(demo_bigearthnet(cache_dir=root, **demo), split=split, sensor=sensor, **kwargs)
+
+
+def _absolute(path: str | os.PathLike | None) -> str | None:
+    return str(Path(path).expanduser().resolve()) if path is not None else None
 
 
 def prepare(dataset_name: str, root: str | os.PathLike | None, out_dir: str | os.PathLike,
-            split: str | None = "train", sensor: str = "s2", dtype: str = "float16",
+            split: str | None = "train", sensor: str = "s2", dtype: str | None = None,
             fraction: float | None = None, seed: int = 0, num_workers: int = 0, overwrite: bool = False,
-            **dataset_kwargs) -> Path:
-    """Pack one split into `<out_dir>/<dataset>/<sensor>/<split>[-<pct>pct-seed<seed>]` and return it.
+            nan_policy: str = "raise", **dataset_kwargs) -> Path:
+    """Pack one split into `<out_dir>/<dataset>/<sensor>/<split>[-<pct>pct-seed<seed>]` and return it
+    (`<dataset>` as `resolve_dataset_name` reads it: bigearthnet-v1 or -v2 for `bigearthnet`).
 
     With `fraction` (e.g. 0.1 for BigEarthNet-10 %), the deterministic subset list is saved first as
     `<out_dir>/<dataset>/<split>-<pct>pct-seed<seed>.txt` (shared by all sensors) and only those
-    samples are packed.
+    samples are packed. An existing cache of another request is refused (see `check_cache`).
     """
     from earthobs.bigearthnet import training_subset
 
-    dataset = build_dataset(dataset_name, root, split=split, sensor=sensor, **dataset_kwargs)
-    base = Path(out_dir) / dataset_name.lower()
-    split_name = split or "all"
-    source = {"name": dataset_name, "root": str(root) if root is not None else None, "split": split,
-              "sensor": sensor}
+    name = resolve_dataset_name(dataset_name, root)
+    base, split_name = Path(out_dir) / name, split or "all"
+    source = {"name": name, "root": _absolute(root), "split": split, "sensor": sensor, "nan_policy": nan_policy}
+    if "labels" in dataset_kwargs:
+        source["labels"] = _absolute(dataset_kwargs["labels"])
     if fraction is not None:
-        tag = f"{split_name}-{fraction * 100:g}pct-seed{seed}"
-        ids = training_subset(dataset.ids, fraction=fraction, seed=seed, path=base / f"{tag}.txt")
-        dataset = IdSubset(dataset, ids)
-        split_name = tag
-        source.update(fraction=fraction, seed=seed, subset_file=str(base / f"{tag}.txt"))
-    return pack_split(dataset, base / sensor / split_name, dtype=dtype, num_workers=num_workers,
-                      overwrite=overwrite, source=source)
+        split_name = f"{split_name}-{fraction * 100:g}pct-seed{seed}"
+        source.update(fraction=fraction, seed=seed)
+    out = base / sensor / split_name
+    if (out / "meta.json").is_file() and not overwrite:  # refuse before reading the data or its subset list
+        check_cache(out, dtype, source)
+    dataset = build_dataset(name, root, split=split, sensor=sensor, nan_policy=nan_policy, **dataset_kwargs)
+    if fraction is not None:
+        subset_file = base / f"{split_name}.txt"
+        dataset = IdSubset(dataset, training_subset(dataset.ids, fraction=fraction, seed=seed, path=subset_file))
+        source["subset_file"] = str(subset_file)
+    return pack_split(dataset, out, dtype=dtype, num_workers=num_workers, overwrite=overwrite, source=source)

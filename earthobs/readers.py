@@ -15,7 +15,7 @@ Bad input raises `EOReadError` naming the file: missing band files, wrong band s
 that is not half the 10 m grid), unexpected dtypes (an 8-bit file is a pre-normalised product and
 would be scaled twice), band-count mismatches, and NaN / inf / nodata pixels. NaN policy: by
 default a band with such pixels raises with the pixel count; `nan_policy="zero"` fills them with 0
-and records the count in `filled_counts[path]` when a dict is passed.
+and records the count in `filled_counts[path]` when a dict is passed (the commands' `--nan-policy`).
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ from earthobs.bands import (
     canonical_bands,
     short_band_name,
 )
+from earthobs.choices import NAN_POLICIES
 
 RESAMPLING_MODES = ("bilinear", "nearest", "bicubic")
-NAN_POLICIES = ("raise", "zero")
 ENGINES = ("rasterio", "tifffile")
 # S2 products are 16-bit integers (DN = reflectance x 1e4); S1 GRD patches are dB floats.
 S2_DTYPES: tuple[str, ...] = ("uint16", "int16")
@@ -55,6 +55,18 @@ class EOReadError(ValueError):
     def __init__(self, path: str | os.PathLike, problem: str):
         self.path, self.problem = str(path), problem
         super().__init__(f"{path}: {problem}")
+
+
+class NoReadableSampleError(ValueError):
+    """Not one sample of a data set could be read: a wrong root or a broken copy, not a bad patch.
+    A ValueError, so the fm-* commands report it in one line."""
+
+
+def no_readable_sample(n: int, where: str, skipped: Sequence[dict]) -> NoReadableSampleError:
+    """The error for `n` samples of `where` that all failed; names the first few files and problems."""
+    first = "; ".join(f"{s['id']}: {s['error']}" for s in skipped[:3])
+    return NoReadableSampleError(f"none of the {n} samples of {where} could be read"
+                                 + (f"; first errors: {first}" if first else ""))
 
 
 def _size2(size: int | Sequence[int] | None) -> tuple[int, int] | None:
@@ -119,7 +131,7 @@ def _check_invalid(arr: np.ndarray, path: Path, nodata: float | None, nan_policy
         return out
     if nan_policy == "raise":
         raise EOReadError(path, f"{n_bad} of {bad.size} pixels are NaN, inf or nodata (nodata={nodata}); "
-                                f"pass nan_policy='zero' to fill them with 0")
+                                "to fill them with 0, pass --nan-policy zero (nan_policy='zero')")
     out = out.copy() if out is arr else out
     out[bad] = 0.0
     if filled_counts is not None:

@@ -167,8 +167,9 @@ def training_dataset(cfg: dict, cache_dir: str | os.PathLike | None = None):
     """The training data set named by `data.source` and the key of its statistics table.
 
     With `data.packed_dir` the split is packed there once (`earthobs.packed.prepare`) and read from the
-    memory map; the generated demo scenes are always packed, under the cache dir."""
-    from earthobs.packed import PackedDataset, build_dataset, prepare
+    memory map; the generated demo scenes are always packed, under the cache dir. `data.nan_policy`
+    says what NaN/nodata pixels of the GeoTIFFs do (raise: the patch fails; zero: filled with 0)."""
+    from earthobs.packed import PackedDataset, build_dataset, prepare, resolve_dataset_name
 
     d = cfg["data"]
     kind, root = parse_data_source(d["source"])
@@ -182,11 +183,13 @@ def training_dataset(cfg: dict, cache_dir: str | os.PathLike | None = None):
         name, stats, kwargs = "bigearthnet-v1", "bigearthnet", {"split": d["split"]}
         packed = packed or str(cache_root(cache_dir) / "packed" / root.name)
     elif kind == "bigearthnet":
-        name = "bigearthnet-v2" if (Path(root) / "metadata.parquet").is_file() else "bigearthnet-v1"
+        name = resolve_dataset_name("bigearthnet", root)  # as fm-prepare names it, so its caches are found
         stats, kwargs = "bigearthnet", {"split": d["split"]}
     else:
         name, stats = "ssl4eo-s12", "ssl4eo-s12"
         kwargs = {"labels": d["labels"]} if d["labels"] else {}
+    if kind != "demo":  # the generated scenes have no invalid pixels
+        kwargs["nan_policy"] = d["nan_policy"]
     if packed:
         return PackedDataset(prepare(name, root, packed, sensor=d["modality"], **kwargs)), stats
     return build_dataset(name, root, sensor=d["modality"], **kwargs), stats

@@ -124,6 +124,24 @@ def test_v1_bad_label_files_are_named(ben, tmp_path):
     label_file.write_text("{not json")
     with pytest.raises(EOReadError, match="not valid JSON"):
         ds[0]
+    label_file.write_text('{"labels": [["Pastures"]]}')  # a list where a class name belongs
+    with pytest.raises(EOReadError, match=rf"{patch}_labels_metadata.json: 'labels' must list class names"):
+        ds[0]
+    with pytest.raises(EOReadError, match=r"<labels>: label entries must be class names \(strings\)"):
+        v1_labels_to_19([["Pastures"]])
+
+
+@pytest.mark.parametrize("sensor", ["s2", "s1"])
+def test_v1_root_without_patch_folders_says_what_it_expected(ben, tmp_path, sensor):
+    pattern = "S1" if sensor == "s1" else "S2"
+    with pytest.raises(FileNotFoundError, match=rf"no {pattern}\* patch folders under {ben} \(expected "
+                                                r"BigEarthNet-v1.0/.*\); it holds s1-tiny/, s2-tiny/"):
+        BigEarthNetV1(ben, sensor=sensor)
+    with pytest.raises(FileNotFoundError, match=rf"no {pattern}\* patch folders under {tmp_path} .*; it is empty"):
+        BigEarthNetV1(tmp_path, sensor=sensor)
+    (tmp_path / "train.csv").write_text("s2_name\n")
+    with pytest.raises(ValueError, match="train.csv lists no patches"):
+        BigEarthNetV1(tmp_path, split="train", sensor=sensor)
 
 
 def test_v1_labels_to_19_drops_classes_without_counterpart():

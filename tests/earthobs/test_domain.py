@@ -136,3 +136,77 @@ def test_eval_on_real_bigearthnet_patches(shared_fixtures, tmp_path, capsys, mod
         assert table.loc["Pastures", "test_positives"] == 2 and table.loc["Arable land", "test_positives"] == 1
         assert table.loc["Transitional woodland, shrub", "test_positives"] == 1
     assert table["test_positives"].sum() >= n
+
+
+def _with_nodata_patch(shared_fixtures, tmp_path):
+    """A copy of the real S2 patches where one band of one patch declares 25 nodata pixels."""
+    import shutil
+
+    import rasterio
+
+    root = shutil.copytree(shared_fixtures / "earthobs" / "bigearthnet-v1" / "s2-tiny", tmp_path / "s2")
+    patch = "S2A_MSIL2A_20170617T113321_4_55"
+    path = root / patch / f"{patch}_B03.tif"
+    with rasterio.open(path) as src:
+        profile, band = src.profile, src.read(1)
+    band[:5, :5] = 0
+    with rasterio.open(path, "w", **dict(profile, nodata=0)) as dst:
+        dst.write(band, 1)
+    return root, patch
+
+
+def test_prepare_names_skips_refuses_other_requests_and_takes_nan_policy(shared_fixtures, tmp_path, capsys):
+    root, patch = _with_nodata_patch(shared_fixtures, tmp_path)
+    common = ["earthobs", "bigearthnet", "--root", str(root), "--split", "all", "--output-dir"]
+    assert prepare_main([*common, str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    cache = tmp_path / "a" / "bigearthnet-v1" / "s2" / "all"
+    assert f"packed 2 samples (1 skipped) into {cache}" in out
+    assert f"  skipped {patch}: EOReadError: {root / patch / patch}_B03.tif: 25 of 14400" in out
+    assert "pass --nan-policy zero" in out and f'"skipped" in {cache / "meta.json"}' in out
+    assert prepare_main([*common, str(tmp_path / "a"), "--dtype", "float32"]) == 2
+    err = capsys.readouterr().err
+    assert f"{cache} holds a cache packed for another request: dtype float16 (asked float32)" in err
+    assert "--overwrite" in err and len(err.strip().splitlines()) == 2  # the message and the FM_DEBUG hint
+    assert prepare_main([*common, str(tmp_path / "a"), "--nan-policy", "zero", "--overwrite"]) == 0
+    assert f"packed 3 samples (0 skipped) into {cache}" in capsys.readouterr().out
+
+
+def test_a_root_with_nothing_readable_is_one_line(shared_fixtures, tmp_path, capsys):
+    ben = shared_fixtures / "earthobs" / "bigearthnet-v1"
+    assert prepare_main(["earthobs", "bigearthnet", "--root", str(ben), "--sensor", "s1", "--split", "all",
+                         "--output-dir", str(tmp_path)]) == 2
+    assert f"no S1* patch folders under {ben}" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    for name in ("S2A_MSIL2A_1_1", "S2A_MSIL2A_1_2"):
+        (broken / name).mkdir(parents=True)
+    assert prepare_main(["earthobs", "bigearthnet", "--root", str(broken), "--split", "all",
+                         "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"none of the 2 samples of {broken} could be read; first errors: S2A_MSIL2A_1_1:" in err
+    assert "Traceback" not in err
+
+
+def test_nan_policy_is_a_flag_and_reaches_the_readers(shared_fixtures, tmp_path, capsys):
+    from earthobs.evaluate import eval_split
+    from earthobs.readers import EOReadError
+    from earthobs.ssl_data import training_dataset
+
+    assert train_main(["earthobs", "--print-config", "--nan-policy", "zero"]) == 0
+    train_cfg = yaml.safe_load(capsys.readouterr().out)
+    assert train_cfg["data"]["nan_policy"] == "zero"
+    assert eval_main(["earthobs", "bigearthnet", "--print-config", "--nan-policy", "zero"]) == 0
+    eval_cfg = yaml.safe_load(capsys.readouterr().out)
+    assert eval_cfg["nan_policy"] == "zero"
+    assert load_yaml(DOMAIN.configs_dir / "eval_bigearthnet.yaml")["nan_policy"] == "raise"  # documented default
+    root, patch = _with_nodata_patch(shared_fixtures, tmp_path)
+    for policy in ("raise", "zero"):
+        data = dict(train_cfg["data"], source=f"bigearthnet:{root}", split=None, nan_policy=policy)
+        evaluated, _ = eval_split("bigearthnet-v1", dict(eval_cfg, root=str(root), nan_policy=policy), None)
+        for dataset in (training_dataset({"data": data})[0], evaluated):
+            k = dataset.ids.index(patch)
+            if policy == "raise":
+                with pytest.raises(EOReadError, match="--nan-policy zero"):
+                    dataset[k]
+            else:
+                assert float(dataset[k]["image"][2, :5, :5].abs().max()) == 0.0  # B03, filled

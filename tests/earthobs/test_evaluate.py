@@ -178,3 +178,38 @@ def test_eurosat_task_reports_accuracy(tmp_path):
     assert list(out["per_class"]["test_samples"]) == [1] * 10
     with pytest.raises(ValueError, match="Sentinel-2 only"):
         evaluate_task("eurosat", dict(cfg, modality="s1"), encoder=tiny_encoder(S2_L1C_BANDS))
+
+
+def test_local_softcon_files_get_the_eo_scaling_not_imagenet(tmp_path):
+    """SoftCon's released files carry no mean/std; the core's defaults for foreign files are ImageNet's RGB
+    values, which a 13- or 2-channel encoder must not get."""
+    def softcon_file(name: str, channels: int):
+        torch.manual_seed(0)
+        backbone = build_backbone({**TINY, "in_chans": channels})
+        torch.save({k.removeprefix("vit."): v for k, v in backbone.state_dict().items()}, tmp_path / name)
+        return str(tmp_path / name)
+
+    for name, bands in (("B13_vits14_softcon.pth", S2_L1C_BANDS), ("B2_vits14_softcon.pth", ("VV", "VH")),
+                        ("my_13_band_model.pth", S2_L1C_BANDS)):
+        enc = load_eo_encoder(softcon_file(name, len(bands)))
+        assert enc.bands == tuple(bands) and enc.norm_kind == "softcon", name
+        assert enc.mean == (0.0,) * len(bands) and enc.std == (1.0,) * len(bands), name
+    x = EncoderInput(enc, BIGEARTHNET_S2_BANDS, "bigearthnet_s2")(np.full((12, 8, 8), 900.0, np.float32))
+    assert x.shape == (13, 32, 32) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0  # SoftCon scaling only
+    rgb = load_eo_encoder(softcon_file("rgb.pth", 3))  # RGB keeps the ImageNet mean/std
+    assert rgb.mean == tuple(IMAGENET_MEAN) and rgb.bands == ("B04", "B03", "B02")
+
+
+def test_extract_features_with_nothing_readable_is_a_one_line_user_error():
+    from earthobs.readers import NoReadableSampleError
+
+    class AllUnreadable(FlakyScenes):
+        root = "/data/wrong-root"
+
+        def __getitem__(self, i):
+            raise EOReadError(f"/data/{self.ids[i]}/B04.tif", "truncated file")
+
+    encoder = tiny_encoder()
+    with pytest.raises(NoReadableSampleError, match=r"none of the 6 samples of /data/wrong-root could be read; "
+                                                    r"first errors: p0: EOReadError: /data/p0/B04.tif: truncated"):
+        extract_features(encoder, AllUnreadable(), EncoderInput(encoder, BIGEARTHNET_S2_BANDS, "bigearthnet_s2"))

@@ -1,5 +1,6 @@
 """Packed cache: round trip equals the source, bad items are skipped and listed, a crash leaves no
-half-visible cache and the next run resumes, and `prepare` packs the saved 10 % subset."""
+half-visible cache and the next run resumes, `prepare` packs the saved 10 % subset, a cache of another
+request is refused, and prepare / eval / train name BigEarthNet caches alike."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from data_bigearthnet_v2 import make_bigearthnet_v2
 from data_eurosat import make_eurosat
 from data_ssl4eo import LOCATIONS, make_ssl4eo, write_labels
 
 from earthobs.bigearthnet import BigEarthNetV1
-from earthobs.packed import PackedDataset, pack_split, prepare
+from earthobs.cache_request import CacheMismatchError
+from earthobs.packed import PackedDataset, pack_split, prepare, resolve_dataset_name
+from earthobs.readers import EOReadError, NoReadableSampleError
 from fm.io import ItemLock
 
 
@@ -140,3 +144,86 @@ def test_prepare_eurosat_and_ssl4eo_labels(tmp_path):
     flags = [bool(packed[k]["has_label"]) for k in range(12)]
     assert flags == [i.startswith(LOCATIONS[1]) for i in packed.ids]
     assert json.loads((Path(packed.path) / "meta.json").read_text())["source"]["sensor"] == "s2c"
+
+
+def test_a_cache_packed_for_another_request_is_refused(s2_tiny, tmp_path):
+    out = prepare("bigearthnet", s2_tiny, tmp_path / "packed", split=None)
+    before = (out / "meta.json").stat().st_mtime_ns
+    assert prepare("bigearthnet", s2_tiny, tmp_path / "packed", split=None) == out  # same request: reused
+    assert (out / "meta.json").stat().st_mtime_ns == before
+    copy = Path(shutil.copytree(s2_tiny, tmp_path / "copy"))  # same patch names, another root
+    with pytest.raises(CacheMismatchError, match=rf"{out} .*root '{s2_tiny}' \(asked '{copy}'\).*--overwrite"):
+        prepare("bigearthnet", copy, tmp_path / "packed", split=None)
+    with pytest.raises(CacheMismatchError, match=r"dtype float16 \(asked float32\)"):
+        prepare("bigearthnet", s2_tiny, tmp_path / "packed", split=None, dtype="float32")
+    with pytest.raises(CacheMismatchError, match=r"nan_policy 'raise' \(asked 'zero'\)"):
+        prepare("bigearthnet", s2_tiny, tmp_path / "packed", split=None, nan_policy="zero")
+    fewer = BigEarthNetV1(s2_tiny, ids=BigEarthNetV1(s2_tiny).ids[:2])
+    with pytest.raises(CacheMismatchError, match=r"other sample ids \(3 recorded, 2 asked\)"):
+        pack_split(fewer, out)
+    assert (out / "meta.json").stat().st_mtime_ns == before  # nothing was touched
+    prepare("bigearthnet", copy, tmp_path / "packed", split=None, dtype="float32", overwrite=True)
+    meta = PackedDataset(out).meta
+    assert meta["source"]["root"] == str(copy) and meta["dtype"] == "float32"
+    assert prepare("bigearthnet", copy, tmp_path / "packed", split=None) == out  # dtype not asked: any is fine
+
+
+def test_bigearthnet_alias_is_read_alike_by_prepare_eval_and_train(s2_tiny, tmp_path):
+    from earthobs.domain import CONFIGS
+    from earthobs.evaluate import dataset_name, eval_split
+    from earthobs.ssl_data import training_dataset
+    from fm.config import load_yaml
+
+    make_bigearthnet_v2(tmp_path / "v2")
+    assert resolve_dataset_name("bigearthnet", tmp_path / "v2") == "bigearthnet-v2"
+    assert resolve_dataset_name("bigearthnet", s2_tiny) == "bigearthnet-v1"
+    assert resolve_dataset_name("bigearthnet", tmp_path / "v2", version="v1") == "bigearthnet-v1"
+    with pytest.raises(ValueError, match="--root is required"):
+        resolve_dataset_name("bigearthnet", None)
+    cache = tmp_path / "cache"
+    for root, name, split in ((tmp_path / "v2", "bigearthnet-v2", "train"), (s2_tiny, "bigearthnet-v1", None)):
+        out = prepare("bigearthnet", root, cache, split=split)
+        assert out == cache / name / "s2" / (split or "all")
+        stamp = (out / "meta.json").stat().st_mtime_ns
+        cfg = dict(load_yaml(CONFIGS / "eval_bigearthnet.yaml"), root=str(root), packed_dir=str(cache), num_workers=0)
+        assert dataset_name("bigearthnet", cfg) == name
+        packed, _ = eval_split(dataset_name("bigearthnet", cfg), cfg, split)
+        data = {"source": f"bigearthnet:{root}", "labels": None, "packed_dir": str(cache), "modality": "s2",
+                "split": split, "nan_policy": "raise"}
+        trained_on, _ = training_dataset({"data": data})
+        assert packed.path == trained_on.path == out and (out / "meta.json").stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in cache.iterdir()) == ["bigearthnet-v1", "bigearthnet-v2"]
+
+
+class Unreadable(torch.utils.data.Dataset):
+    """Patches that all fail to read, as under a wrong root."""
+
+    bands = ("B02",)
+
+    def __init__(self, n=2):
+        self.ids = [f"p{i}" for i in range(n)]
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, k):
+        raise EOReadError(f"/data/{self.ids[k]}/B02.tif", "file not found")
+
+
+def test_nothing_readable_is_a_one_line_user_error(tmp_path):
+    with pytest.raises(NoReadableSampleError, match=r"none of the 2 samples of /data/x could be read; first "
+                                                    r"errors: p0: EOReadError: /data/p0/B02.tif: file not found"):
+        pack_split(Unreadable(), tmp_path / "c", source={"root": "/data/x"})
+    with pytest.raises(NoReadableSampleError, match="holds no samples"):
+        pack_split(Unreadable(0), tmp_path / "c")
+    assert issubclass(NoReadableSampleError, ValueError) and not (tmp_path / "c").exists()
+
+
+def test_malformed_label_entry_skips_only_that_patch(s2_tiny, tmp_path):
+    root = Path(shutil.copytree(s2_tiny, tmp_path / "s2"))
+    bad = "S2A_MSIL2A_20170617T113321_4_55"
+    (root / bad / f"{bad}_labels_metadata.json").write_text(json.dumps({"labels": [["Pastures"]]}))
+    packed = PackedDataset(pack_split(BigEarthNetV1(root), tmp_path / "p"))
+    assert len(packed) == 2 and bad not in packed.ids
+    (skipped,) = packed.meta["skipped"]
+    assert skipped["id"] == bad and f"{bad}_labels_metadata.json" in skipped["error"] and "strings" in skipped["error"]
