@@ -12,6 +12,7 @@ number of workers). What changes for earth observation:
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +25,12 @@ from torch.utils.data import DataLoader
 from earthobs.bands import S1_BANDS, S2_L1C_BANDS, canonical_bands, to_13_bands, to_band_order
 from earthobs.ms_augment import MultispectralAugment
 from earthobs.normalize import DATASET_STATS, S1_CLIP_QUANTILES, NormSpec, stats_spec
+from earthobs.readers import EOReadError
 from fm.ssl_data import MultiCropBatches
+
+MAX_REPLACEMENTS = 16  # unreadable samples replaced in a row before a batch gives up
+_REPLACEMENT_STEP = 7919  # a prime: the replacements of a sample spread over the data set
+log = logging.getLogger(__name__)
 
 MODALITY_BANDS: dict[str, tuple[str, ...]] = {"s2": S2_L1C_BANDS, "s1": S1_BANDS}
 DATA_KINDS = ("demo", "bigearthnet", "ssl4eo")
@@ -76,6 +82,8 @@ class EOSource:
             raise ValueError(f"normalisation is for bands {list(norm.bands)} but the data holds {list(self.data_bands)}")
         to_model_bands(np.zeros((len(self.data_bands), 1, 1), np.float32), self.data_bands, self.bands)  # fail early
         self.num_classes = num_classes or int(np.asarray(self._raw_label(0)[0]).shape[-1])
+        self.unreadable: set[int] = set()  # samples found unreadable (in this process), each logged once
+        self.replaced: dict[int, int] = {}  # sample -> the one read in its place by the last get()
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -99,14 +107,34 @@ class EOSource:
         return np.asarray(sample["label"]), bool(sample.get("has_label", True))
 
     def get(self, i: int) -> torch.Tensor:
-        x = self.norm.apply(np.asarray(self._raw_image(i), dtype=np.float32))
-        return torch.from_numpy(np.ascontiguousarray(to_model_bands(x, self.data_bands, self.bands)))
+        """The image of sample `i`; a sample that cannot be read (a missing band file, a corrupt GeoTIFF)
+        is replaced by the first readable of a fixed sequence of others, so one bad patch never stops a
+        training run and a batch stays a pure function of its seed. `label(i)` follows the replacement."""
+        errors = []
+        for attempt in range(MAX_REPLACEMENTS + 1):
+            j = (i + attempt * _REPLACEMENT_STEP) % len(self.dataset)
+            try:
+                raw = self._raw_image(j)
+            except (EOReadError, OSError) as err:
+                errors.append(err)
+                if j not in self.unreadable:
+                    self.unreadable.add(j)
+                    log.warning("skipping an unreadable training sample (replaced by another): %s", err)
+                continue
+            if j == i:
+                self.replaced.pop(i, None)
+            else:
+                self.replaced[i] = j
+            x = self.norm.apply(np.asarray(raw, dtype=np.float32))
+            return torch.from_numpy(np.ascontiguousarray(to_model_bands(x, self.data_bands, self.bands)))
+        raise EOReadError(getattr(errors[-1], "path", "?"), f"{len(errors)} training samples in a row could not be "
+                          f"read (from sample {i}); the last: {errors[-1]}")
 
     def label(self, i: int) -> tuple[torch.Tensor, bool]:
         """(multi-hot, labelled?); all zeros when unlabelled or when labels are switched off."""
         if not self.use_labels:
             return torch.zeros(self.num_classes), False
-        y, has = self._raw_label(i)
+        y, has = self._raw_label(self.replaced.get(i, i))
         y = torch.as_tensor(np.asarray(y, dtype=np.float32))
         if y.shape != (self.num_classes,):
             raise ValueError(f"sample {i} of {type(self.dataset).__name__}: label shape {tuple(y.shape)}, "

@@ -221,3 +221,44 @@ def test_pretraining_raises_linear_probe_map(tmp_path):
     before, after = learning_run(tmp_path, 600)
     assert after["linear"] > before["linear"] + 0.1, (before, after)
     assert after["knn"] > before["knn"] + 0.3, (before, after)
+
+
+class _DamagedScenes(TextureScenes):
+    """Texture scenes where some patches cannot be read, as a missing band file or a corrupt GeoTIFF."""
+
+    def __init__(self, n: int, bad: set[int]):
+        super().__init__(n, size=48, seed=0)
+        self.bad = bad
+
+    def load_image(self, i: int):
+        from earthobs.readers import EOReadError
+
+        if i in self.bad:
+            raise EOReadError(f"/data/patch_{i}/B02.tif", "missing band file")
+        return super().load_image(i)
+
+
+def test_an_unreadable_patch_is_replaced_with_its_own_label_and_never_stops_training(tmp_path):
+    from earthobs.readers import EOReadError
+
+    scenes = _DamagedScenes(32, bad={3, 5, 11})
+    source = EOSource(scenes, stats_spec("softcon", "bigearthnet_s2", scenes.bands), modality_bands("s2"))
+    clean = texture_source()
+    for i in (3, 5, 11):
+        image, (label, _) = source.get(i), source.label(i)
+        j = source.replaced[i]
+        assert j not in scenes.bad and j != i
+        assert torch.equal(image, clean.get(j)) and torch.equal(label, clean.label(j)[0])  # image and label agree
+    assert torch.equal(source.get(4), clean.get(4)) and 4 not in source.replaced
+    assert source.unreadable == {3, 5, 11}
+    batch = a_batch(tiny_cfg(tmp_path), source)  # a whole batch despite the bad patches
+    assert batch["labels"].shape[0] == len(batch["has_label"]) == 16
+    assert torch.equal(batch["global_crops"], a_batch(tiny_cfg(tmp_path), EOSource(
+        _DamagedScenes(32, bad={3, 5, 11}), stats_spec("softcon", "bigearthnet_s2", scenes.bands),
+        modality_bands("s2")))["global_crops"])  # still a pure function of the seed
+
+    hopeless = EOSource(_DamagedScenes(4, bad={1, 2, 3}), stats_spec("softcon", "bigearthnet_s2", scenes.bands),
+                        modality_bands("s2"))
+    hopeless.dataset.bad.add(0)
+    with pytest.raises(EOReadError, match="could not be read"):
+        hopeless.get(0)

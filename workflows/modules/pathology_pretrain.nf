@@ -1,5 +1,7 @@
 /*
- * DINOv2 pretraining on the tiles of every slide: one multi-GPU (optionally multi-node) job.
+ * DINOv2 pretraining on the tiles of every slide: one multi-GPU (optionally multi-node) job. It reads
+ * the tiles at the pipeline's tile setting (--tile_px, --target_mpp), whatever the config says: fm-train
+ * refuses a config whose setting differs from the tiles it is given.
  * On SLURM, conf/slurm.config requests --nodes/--ntasks-per-node/--gres and sets ext.launcher to
  * `srun`, which starts one process per GPU; Lightning reads the SLURM variables from there.
  */
@@ -28,6 +30,8 @@ process PATHOLOGY_PRETRAIN {
     ${launcher} fm-train pathology \\
         --cohorts csv:${samplesheet} \\
         --tiles-dir tiles \\
+        --set pathology.tile_px=${params.tile_px} \\
+        --set pathology.target_mpp=${params.target_mpp} \\
         --output-dir pretrain \\
         --devices ${params.pretrain_devices} \\
         --nodes ${params.pretrain_nodes} \\
