@@ -146,7 +146,8 @@ def resolve_tcga(
             if Path(row["filename"]).suffix.lower() not in SLIDE_SUFFIXES:
                 continue
             path = by_name.get(row["filename"], base / row["id"] / row["filename"])  # GDC layout if not found
-            project = (row.get(project_col) if project_col else None) or _project_from_path(path)
+            project = row.get(project_col) if project_col else None
+            project = (None if pd.isna(project) or not str(project).strip() else str(project)) or _project_from_path(path)
             known = records.get(path)  # a manifest and a sample sheet may both list it: keep what either knows
             records[path] = _tcga_record(path, project or (known.project if known else None), row["id"])
     if not manifest:

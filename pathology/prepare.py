@@ -55,10 +55,11 @@ def prepare(args: argparse.Namespace) -> dict:
     out = Path(args.output_dir)
     # a rerun, or new slides, without the flags keep the folder's setting; flags that contradict it are refused
     (params["tile_px"], params["target_mpp"]), source = resolve_setting(out, args.tile_px, args.target_mpp)
-    if not args.overwrite and (args.tile_px is not None or args.target_mpp is not None):
-        refuse_other_setting(out, (params["tile_px"], params["target_mpp"]), source,
-                             "add --overwrite to re-tile the slides of this cohort, or use another --output-dir")
     records = select_slides(args, ["demo"] if not args.cohorts else [])
+    if args.tile_px is not None or args.target_mpp is not None:  # --overwrite re-tiles this cohort's slides only
+        refuse_other_setting(out, (params["tile_px"], params["target_mpp"]), source,
+                             "re-tile those (fm-prepare --slides ... --overwrite with these flags), or use another "
+                             "--output-dir", besides=[r.slide_id for r in records] if args.overwrite else ())
     if args.write_samplesheet:
         print(f"samplesheet: {write_samplesheet(records, args.write_samplesheet)}")
     rows = tile_slides(records, out, params, args.overwrite)

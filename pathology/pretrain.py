@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import torch
 
+from fm.io import ItemLock
 from fm.train import multicrop_from_config, run_pretraining
 from pathology.augment import HEPhotometric
 from pathology.domain import apply_flags
 from pathology.prepare import select_slides, tile_slides
 from pathology.tile_dataset import TileStream
-from pathology.tile_setting import refuse_other_setting
-from pathology.tiling import COORDS_NAME, FAILED, OK, SKIPPED_DONE, tiling_defaults
+from pathology.tile_setting import coords_attrs, refuse_other_setting
+from pathology.tiling import COORDS_NAME, FAILED, LOCKED, OK, SKIPPED_DONE, tiling_defaults
 
 
 class TileSource:
@@ -32,6 +34,26 @@ class TileSource:
         return self.stream.sample(index)["image"]
 
 
+def _wait_for_others(tiles_dir: Path, slide_ids: list[str]) -> set[str]:
+    """Slides of `slide_ids` (locked by other processes when we looked) that have tiles once those
+    processes are done: waits until their locks go (at most the stale-lock time, then gives up on them)."""
+    if not slide_ids:
+        return set()
+    print(f"waiting for {len(slide_ids)} slide(s) being tiled by other processes")
+    paths = {sid: tiles_dir / sid / COORDS_NAME for sid in slide_ids}
+    deadline = time.monotonic() + ItemLock.stale_after() + 60
+    while any(ItemLock(p).path.exists() for p in paths.values()) and time.monotonic() < deadline:
+        time.sleep(2)
+    done = set()
+    for sid, path in paths.items():
+        try:
+            if path.is_file() and coords_attrs(path)[0] > 0:
+                done.add(sid)
+        except (OSError, KeyError):
+            continue
+    return done
+
+
 def train(args: argparse.Namespace) -> dict:
     cfg = apply_flags(args, args.cfg)
     p = cfg["pathology"]
@@ -45,11 +67,14 @@ def train(args: argparse.Namespace) -> dict:
                          "or use another --tiles-dir")
     rows = tile_slides(records, tiles_dir, params)  # tiles what is not tiled yet (resumable)
     with_tiles = set(rows.loc[rows["status"].isin([OK, SKIPPED_DONE]) & (rows["n_tiles"] > 0), "slide_id"])
+    locked = rows.loc[rows["status"] == LOCKED, "slide_id"].tolist()
+    with_tiles |= _wait_for_others(tiles_dir, locked)  # every rank of a job then trains on the same slides
     slides = [(r.slide_path, tiles_dir / r.slide_id / COORDS_NAME) for r in records if r.slide_id in with_tiles]
     n_failed = int((rows["status"] == FAILED).sum())
     if not slides:
-        raise ValueError(f"no slide of the cohort has tiles in {tiles_dir}: {n_failed} failed, "
-                         f"{len(rows) - n_failed} without tissue tiles (see {tiles_dir / 'manifest.csv'})")
+        raise ValueError(f"no slide of the cohort has tiles in {tiles_dir}: {n_failed} failed, {len(locked)} "
+                         f"still being tiled elsewhere or unreadable, the others without tissue tiles "
+                         f"(see {tiles_dir / 'manifest.csv'})")
     coords = [c for _, c in slides]
     source = TileSource(slides, p["tile_px"], p["target_mpp"], cfg["data"]["seed"])
     photometric = HEPhotometric(strength=p["he_strength"], flips=False, rotate90=False)

@@ -35,14 +35,18 @@ def describe(setting: Setting) -> str:
     return f"{setting[0]} px at {setting[1]:g} um/px"
 
 
-def folder_settings(tiles_dir: Path) -> Counter:
-    """How many slides in `tiles_dir` were tiled at each setting (unreadable outputs are left out)."""
+def folder_settings(tiles_dir: Path, by_slide: dict | None = None) -> Counter:
+    """How many slides in `tiles_dir` were tiled at each setting (unreadable outputs are left out);
+    `by_slide`, if given, receives slide id -> setting."""
     settings: Counter = Counter()
     for coords_path in Path(tiles_dir).glob(f"*/{COORDS_NAME}"):
         try:
-            settings[setting_of(coords_attrs(coords_path)[1])] += 1
+            setting = setting_of(coords_attrs(coords_path)[1])
         except (OSError, KeyError):
             continue
+        settings[setting] += 1
+        if by_slide is not None:
+            by_slide[coords_path.parent.name] = setting
     return settings
 
 
@@ -51,6 +55,8 @@ def resolve_setting(tiles_dir: Path, tile_px: int | None = None, target_mpp: flo
     """(setting, where it comes from): the values given, completed from the most common setting of
     `found` (the run's own tiled slides) or else of the whole folder (a shard, or a batch of new slides,
     may hold no tiled slide itself while the folder does), else from the tiling defaults."""
+    if tile_px is not None and target_mpp is not None:  # fully given: no need to read the folder
+        return (int(tile_px), float(target_mpp)), f"--tile-px {tile_px:g} --target-mpp {target_mpp:g}"
     existing = Counter(found).most_common(1) or folder_settings(tiles_dir).most_common(1)
     if existing:
         base, source = existing[0][0], f"the tiles already in {tiles_dir}"
@@ -64,10 +70,17 @@ def resolve_setting(tiles_dir: Path, tile_px: int | None = None, target_mpp: flo
             float(target_mpp if target_mpp is not None else base[1])), flags
 
 
-def refuse_other_setting(tiles_dir: Path, setting: Setting, asked_by: str, fix: str) -> None:
-    """Raise when `tiles_dir` already holds slides tiled at another setting than `setting`."""
-    other = {s: n for s, n in folder_settings(tiles_dir).items() if s != setting}
+def refuse_other_setting(tiles_dir: Path, setting: Setting, asked_by: str, fix: str,
+                         besides: Iterable[str] = ()) -> None:
+    """Raise when slides of `tiles_dir` (other than those in `besides`, about to be re-tiled) hold another
+    setting than `setting`; the message names them, so `--slides ... --overwrite` can fix just those."""
+    by_slide: dict[str, Setting] = {}
+    folder_settings(tiles_dir, by_slide)
+    skip = set(besides)
+    other = {sid: s for sid, s in by_slide.items() if s != setting and sid not in skip}
     if other:
-        held = ", ".join(f"{n} slide(s) at {describe(s)}" for s, n in sorted(other.items()))
-        raise UserError(f"{tiles_dir} holds {held}, but {asked_by} asks for {describe(setting)}: one tiles "
-                        f"folder holds one tile setting; {fix}")
+        counts = Counter(other.values())
+        held = ", ".join(f"{n} slide(s) at {describe(s)}" for s, n in sorted(counts.items()))
+        names = ", ".join(sorted(other)[:5]) + (", ..." if len(other) > 5 else "")
+        raise UserError(f"{tiles_dir} holds {held} ({names}), but {asked_by} asks for {describe(setting)}: one "
+                        f"tiles folder holds one tile setting; {fix}")

@@ -189,9 +189,11 @@ def test_projects_of_a_gdc_download_come_from_its_sample_sheet(tmp_path):
         root / "gdc_manifest.2024-01-01.txt", sep="\t", index=False)
     with pytest.raises(CohortError, match="2 slide.s. have no known project.*sample sheet"):
         resolve_cohorts(["tcga"], data_root=root, projects=["LUAD"])
-    pd.DataFrame({"File ID": UUIDS[:2], "File Name": names, "Data Category": ["Biospecimen"] * 2,
-                  "Data Type": ["Slide Image"] * 2, "Project ID": ["TCGA-LUAD", "TCGA-LUSC"],
-                  "Case ID": ["TCGA-05-4244", "TCGA-18-3406"]}).to_csv(
+    names.append(f"TCGA-A7-A0CE-01Z-00-DX1.{UUIDS[2]}.svs")
+    _touch(root / UUIDS[2] / names[2])
+    pd.DataFrame({"File ID": UUIDS[:3], "File Name": names, "Data Category": ["Biospecimen"] * 3,
+                  "Data Type": ["Slide Image"] * 3, "Project ID": ["TCGA-LUAD", "TCGA-LUSC", None],  # a blank cell
+                  "Case ID": ["TCGA-05-4244", "TCGA-18-3406", "TCGA-A7-A0CE"]}).to_csv(
         root / "gdc_sample_sheet.2024-01-01.tsv", sep="\t", index=False)
     (luad,) = resolve_cohorts(["tcga"], data_root=root, projects=["LUAD"])
     assert luad.slide_id == "TCGA-05-4244-01Z-00-DX1" and luad.project == "TCGA-LUAD"

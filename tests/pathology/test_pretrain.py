@@ -88,6 +88,9 @@ def test_pretraining_reads_the_cohorts_own_slide_paths_and_one_tile_setting(test
     monkeypatch.chdir(tmp_path)
     invoke("prepare", ["pathology", "--cohorts", "csv:sub/c.csv", "--output-dir", "tiles", "--tile-px", "64",
                        "--target-mpp", "1.0"])
+    (tmp_path / "slides").rename(tmp_path / "moved")  # the slides move after tiling; the cohort says where
+    pd.DataFrame(dict(slide_path=["../moved/x20.tif"], slide_id=["x20"], patient_id=["x20"])).to_csv(
+        tmp_path / "sub" / "c.csv", index=False)
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     train = ["pathology", "--config", str(DEMO_CONFIG), "--tiles-dir", str(tmp_path / "tiles"),
@@ -97,5 +100,24 @@ def test_pretraining_reads_the_cohorts_own_slide_paths_and_one_tile_setting(test
 
     with pytest.raises(UserError, match=r"1 slide\(s\) at 64 px at 1 um/px.*pathology.tile_px"):
         invoke("train", [*train, "--cohorts", f"csv:{tmp_path / 'sub' / 'c.csv'}", "--set", "pathology.tile_px=224"])
-    with pytest.raises(ValueError, match="no slide of the cohort has tiles.*1 without tissue tiles"):
+    pd.DataFrame(dict(slide_path=["../moved/empty.tif"], slide_id=["empty"], patient_id=["empty"])).to_csv(
+        tmp_path / "sub" / "empty.csv", index=False)
+    with pytest.raises(ValueError, match="no slide of the cohort has tiles.*without tissue tiles"):
         invoke("train", [*train, "--cohorts", f"csv:{tmp_path / 'sub' / 'empty.csv'}"])
+
+
+def test_slides_being_tiled_by_another_process_are_waited_for(test_slides, tmp_path):
+    """Ranks of one job (srun fm-train) tile a cohort together: each must train on every slide, including
+    those another rank had locked when it looked."""
+    import threading
+
+    from fm.io import ItemLock
+    from pathology.pretrain import _wait_for_others
+    from pathology.tiling import tile_slide
+
+    assert tile_slide(test_slides["x20"], tmp_path, "x20").status == "ok"
+    lock = ItemLock(tmp_path / "x20" / COORDS_NAME)
+    assert lock.acquire()
+    threading.Timer(1.0, lock.release).start()
+    assert _wait_for_others(tmp_path, ["x20", "gone"]) == {"x20"}
+    assert not lock.path.exists()  # it did wait for the holder

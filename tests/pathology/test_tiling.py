@@ -315,12 +315,15 @@ def test_a_tiles_folder_keeps_one_tile_setting(test_slides, tmp_path):
     invoke("prepare", ["pathology", "--cohorts", grown, "--output-dir", str(out)])
     assert _setting(out / "x40" / "coords.h5") == (112, 1.0)  # the folder's setting, not the defaults
 
-    with pytest.raises(UserError, match=r"2 slide\(s\) at 112 px at 1 um/px.*--tile-px 224.*--overwrite"):
+    with pytest.raises(UserError, match=r"2 slide\(s\) at 112 px at 1 um/px \(x20, x40\).*--tile-px 224.*--overwrite"):
         invoke("prepare", ["pathology", "--cohorts", grown, "--output-dir", str(out), "--tile-px", "224"])
     assert _setting(out / "x20" / "coords.h5") == (112, 1.0)
     invoke("prepare", ["pathology", "--cohorts", grown, "--output-dir", str(out), "--tile-px", "224",
                        "--overwrite"])
     assert _setting(out / "x20" / "coords.h5") == _setting(out / "x40" / "coords.h5") == (224, 1.0)
+    with pytest.raises(UserError, match=r"1 slide\(s\) at 224 px at 1 um/px \(x40\)"):  # would leave it mixed
+        invoke("prepare", ["pathology", "--cohorts", grown, "--slides", "x20", "--output-dir", str(out),
+                           "--tile-px", "112", "--overwrite"])
 
     # a single slide asked at another setting (the API, or a mixed folder) fails by name, tiles untouched
     other = tile_slide(test_slides["x20"], out, "x20", tile_px=224, target_mpp=0.5)
