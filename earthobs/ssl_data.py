@@ -12,7 +12,6 @@ number of workers). What changes for earth observation:
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,11 +25,11 @@ from earthobs.bands import S1_BANDS, S2_L1C_BANDS, canonical_bands, to_13_bands,
 from earthobs.ms_augment import MultispectralAugment
 from earthobs.normalize import DATASET_STATS, S1_CLIP_QUANTILES, NormSpec, stats_spec
 from earthobs.readers import EOReadError
+from fm.skipped_inputs import SkippedInputs
 from fm.ssl_data import MultiCropBatches
 
 MAX_REPLACEMENTS = 16  # unreadable samples replaced in a row before a batch gives up
 _REPLACEMENT_STEP = 7919  # a prime: the replacements of a sample spread over the data set
-log = logging.getLogger(__name__)
 
 MODALITY_BANDS: dict[str, tuple[str, ...]] = {"s2": S2_L1C_BANDS, "s1": S1_BANDS}
 DATA_KINDS = ("demo", "bigearthnet", "ssl4eo")
@@ -82,7 +81,7 @@ class EOSource:
             raise ValueError(f"normalisation is for bands {list(norm.bands)} but the data holds {list(self.data_bands)}")
         to_model_bands(np.zeros((len(self.data_bands), 1, 1), np.float32), self.data_bands, self.bands)  # fail early
         self.num_classes = num_classes or int(np.asarray(self._raw_label(0)[0]).shape[-1])
-        self.unreadable: set[int] = set()  # samples found unreadable (in this process), each logged once
+        self.skipped = SkippedInputs("sample")  # samples found unreadable (keyed by index)
         self.replaced: dict[int, int] = {}  # sample -> the one read in its place by the last get()
 
     def __len__(self) -> int:
@@ -93,6 +92,10 @@ class EOSource:
         if hasattr(ds, "load_image"):
             return ds.load_image(i)
         return np.asarray(ds[i]["image"])
+
+    def _name(self, i: int) -> str:
+        ids = getattr(self.dataset, "ids", None)
+        return f"{type(self.dataset).__name__} sample {i}" + (f" ({ids[i]})" if ids is not None else "")
 
     def _raw_label(self, i: int) -> tuple[np.ndarray, bool]:
         ds = self.dataset
@@ -117,9 +120,7 @@ class EOSource:
                 raw = self._raw_image(j)
             except (EOReadError, OSError) as err:
                 errors.append(err)
-                if j not in self.unreadable:
-                    self.unreadable.add(j)
-                    log.warning("skipping an unreadable training sample (replaced by another): %s", err)
+                self.skipped.note(j, self._name(j), err)
                 continue
             if j == i:
                 self.replaced.pop(i, None)

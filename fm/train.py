@@ -6,6 +6,9 @@ Domains call `run_pretraining` with their image source and augmentation; everyth
 
 from __future__ import annotations
 
+import json
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +20,12 @@ from lightning.pytorch.strategies import FSDPStrategy
 
 from fm.augment import MultiCropTransform
 from fm.config import dump
+from fm.skipped_inputs import SKIPPED_DIR, read_skipped, summary
 from fm.ssl_data import ImageSource, SSLDataModule
 from fm.ssl_module import DINOv2Module
 from fm.train_args import CONFIGS_DIR, TRAIN_FLAGS, add_train_args, apply_train_flags  # noqa: F401 (re-export)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -176,6 +182,17 @@ def run_pretraining(
     return fit_pretraining(cfg, module, data, export, artifacts=artifacts, callbacks=callbacks, progress=progress)
 
 
+def _report_skipped(folder: Path, since: float, run) -> None:
+    """Say at the end of a run which inputs (across all workers and ranks) were unreadable and replaced."""
+    entries = read_skipped(folder, since) if folder.is_dir() else []
+    run.log_metrics({"data/skipped_inputs": len(entries)})
+    if entries:
+        log.warning(summary(entries, folder))
+        listing = folder / "this_run.json"
+        listing.write_text(json.dumps(entries, indent=1))
+        run.log_artifact(listing, "skipped")
+
+
 def fit_pretraining(
     cfg: dict,
     module: DINOv2Module,
@@ -216,6 +233,10 @@ def fit_pretraining(
             enable_progress_bar=progress, enable_model_summary=False, default_root_dir=out,
             use_distributed_sampler=False, deterministic=False, num_sanity_val_steps=0,
         )
+        skipped = getattr(getattr(datamodule, "source", None), "skipped", None)
+        if skipped is not None:
+            skipped.folder = out / SKIPPED_DIR
+        started = time.time()
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
         if isinstance(trainer.strategy, FSDPStrategy):
             unwrap_fsdp(trainer)
@@ -226,5 +247,6 @@ def fit_pretraining(
             run.log_artifact(export_path, "model")
             run.log_artifact(out / "config.yaml")
             run.log_metrics({"final/steps": trainer.global_step})
+            _report_skipped(out / SKIPPED_DIR, started, run)
         last = Path(checkpoint.last_model_path) if checkpoint.last_model_path else None
         return PretrainResult(out, last, export_path, run.run_id, module)

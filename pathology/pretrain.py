@@ -26,6 +26,7 @@ class TileSource:
     def __init__(self, slides: list[tuple[Path, Path]], tile_px: int, target_mpp: float, seed: int):
         self.stream = TileStream([(str(s), str(c)) for s, c in slides], tile_px=tile_px, target_mpp=target_mpp,
                                  seed=seed)
+        self.skipped = self.stream.skipped
 
     def __len__(self) -> int:
         return self.stream.total

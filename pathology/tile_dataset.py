@@ -14,7 +14,6 @@ batch size (and one rank) its batches come out in exactly the global order i = s
 
 from __future__ import annotations
 
-import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from fm.skipped_inputs import SkippedInputs
 from pathology.slides import Slide, SlideError, open_slide, read_tile_view
 from pathology.tiling import COORDS_NAME, read_coords
 
@@ -33,7 +33,6 @@ _MASK64 = (1 << 64) - 1
 MAX_REPLACEMENTS = 16  # unreadable tiles replaced in a row before a sample gives up
 _REPLACEMENT_STRIDE = 1 << 48  # attempt k of sample i draws as sample i + k * stride: no real index collides
 
-log = logging.getLogger(__name__)
 
 
 def _splitmix64(x: int) -> int:
@@ -169,7 +168,7 @@ class TileStream(IterableDataset):
         self.shard_block, self.cache_size = max(1, int(shard_block)), cache_size
         self.rank, self.world_size = rank, world_size
         self._cache: _SlideCache | None = None
-        self.unreadable: set[int] = set()  # slides with a tile that could not be read (in this process)
+        self.skipped = SkippedInputs("slide")  # slides with a tile that could not be read (keyed by position)
 
     def locate(self, index: int) -> tuple[int, int]:
         """(slide position, tile row in its coords) of global sample `index`."""
@@ -193,9 +192,7 @@ class TileStream(IterableDataset):
             except (SlideError, OSError) as err:
                 self._cache.drop(slide_pos)  # OpenSlide leaves a handle unusable after a read error
                 failures.append(str(err))
-                if slide_pos not in self.unreadable:
-                    self.unreadable.add(slide_pos)
-                    log.warning("skipping unreadable tiles (replaced by others): %s", err)
+                self.skipped.note(slide_pos, self.slides[slide_pos].slide_path, err)
                 continue
             image = _to_tensor(tile)
             if self.transform is not None:

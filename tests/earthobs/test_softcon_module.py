@@ -250,7 +250,7 @@ def test_an_unreadable_patch_is_replaced_with_its_own_label_and_never_stops_trai
         assert j not in scenes.bad and j != i
         assert torch.equal(image, clean.get(j)) and torch.equal(label, clean.label(j)[0])  # image and label agree
     assert torch.equal(source.get(4), clean.get(4)) and 4 not in source.replaced
-    assert source.unreadable == {3, 5, 11}
+    assert source.skipped.keys == {3, 5, 11}
     batch = a_batch(tiny_cfg(tmp_path), source)  # a whole batch despite the bad patches
     assert batch["labels"].shape[0] == len(batch["has_label"]) == 16
     assert torch.equal(batch["global_crops"], a_batch(tiny_cfg(tmp_path), EOSource(
@@ -262,3 +262,34 @@ def test_an_unreadable_patch_is_replaced_with_its_own_label_and_never_stops_trai
     hopeless.dataset.bad.add(0)
     with pytest.raises(EOReadError, match="could not be read"):
         hopeless.get(0)
+
+
+def test_a_run_sums_up_the_patches_its_workers_replaced(tmp_path, caplog):
+    """Two DataLoader workers each find some unreadable patches; the end of the run names all of them
+    once (what the batches it trained on contain, plus at most what the workers prefetched)."""
+    import json
+
+    bad = {i for i in range(32) if i % 5 == 2}
+    cfg = tiny_cfg(tmp_path, "train.max_steps=3", "data.num_workers=2")
+
+    def damaged() -> EOSource:
+        scenes = _DamagedScenes(32, bad=bad)
+        return EOSource(scenes, stats_spec("softcon", "bigearthnet_s2", scenes.bands), modality_bands("s2"))
+
+    with caplog.at_level("WARNING", logger="fm.train"):
+        run_softcon_pretraining(cfg, damaged(), progress=False)
+    listing = tmp_path / "run" / "skipped" / "this_run.json"
+    recorded = {e["name"] for e in json.loads(listing.read_text())}
+
+    def met_in(batches: range) -> set[str]:  # replay the batches in this process
+        source = damaged()
+        for k in batches:
+            SoftConBatches(source, MultispectralViews(cfg["views"], 0), cfg["data"]["batch_size"],
+                           cfg["model"]["backbone"]["patch_size"], seed=cfg["data"]["seed"]).make_batch(k)
+        return {source._name(i) for i in source.skipped.keys}
+
+    trained, prefetched = met_in(range(3)), met_in(range(3 + 2 * 4))
+    assert trained and trained <= recorded <= prefetched
+    assert len(list((tmp_path / "run" / "skipped").glob("*.jsonl"))) >= 2  # one file per worker process
+    message = next(r.getMessage() for r in caplog.records if "replaced unreadable inputs" in r.getMessage())
+    assert f"{len(recorded)} sample" in message and "B02.tif: missing band file" in message

@@ -96,7 +96,7 @@ def test_pretraining_reads_the_cohorts_own_slide_paths_and_one_tile_setting(test
     train = ["pathology", "--config", str(DEMO_CONFIG), "--tiles-dir", str(tmp_path / "tiles"),
              "--output-dir", str(tmp_path / "run")]
     invoke("train", [*train, "--cohorts", f"csv:{tmp_path / 'sub' / 'c.csv'}"])
-    assert got["source"].get(0).shape == (3, 64, 64) and got["source"].stream.unreadable == set()
+    assert got["source"].get(0).shape == (3, 64, 64) and got["source"].skipped.keys == set()
 
     with pytest.raises(UserError, match=r"1 slide\(s\) at 64 px at 1 um/px.*pathology.tile_px"):
         invoke("train", [*train, "--cohorts", f"csv:{tmp_path / 'sub' / 'c.csv'}", "--set", "pathology.tile_px=224"])
