@@ -190,6 +190,7 @@ class BigEarthNetV1(Dataset):
         self.transforms = transforms
         self.filled_counts: dict[str, int] = {}
         self._s1_of_s2: dict[str, str] | None = None
+        self._unreadable_s1_labels: list[str] = []  # S1 label files that could not pair their patch
         self.records = self._load_records(ids, Path(split_dir) if split_dir else self.root)
         self.ids = [r[0] for r in self.records]
 
@@ -210,8 +211,8 @@ class BigEarthNetV1(Dataset):
         elif self.sensor == "s1" and not any(self.s2_root.glob("S2*")):
             if not self.s1_root.is_dir():
                 raise FileNotFoundError(f"BigEarthNet S1 folder not found: {self.s1_root}")
-            rows = [(self._s2_name_of_s1(d), d.name) for d in sorted(self.s1_root.iterdir())
-                    if d.is_dir() and d.name.startswith("S1")]
+            rows = [(self._s2_name_of_s1(d, default=d.name), d.name) for d in sorted(self.s1_root.iterdir())
+                    if d.is_dir() and d.name.startswith("S1")]  # unreadable label file: the S1 name as id
             if not rows:
                 raise self._no_patches("S1*", self.s1_root)
         else:
@@ -223,10 +224,12 @@ class BigEarthNetV1(Dataset):
         if self.sensor != "s2" and any(s1 is None for _, s1 in rows):
             mapping = self._s2_to_s1()
             missing = [s2 for s2, s1 in rows if s1 is None and s2 not in mapping]
-            if missing:
+            if len(missing) == len(rows):
                 raise FileNotFoundError(f"no Sentinel-1 patch in {self.s1_root} names {missing[:3]} "
                                         f"({len(missing)} in all) as its corresponding_s2_patch")
-            rows = [(s2, s1 or mapping[s2]) for s2, s1 in rows]
+            # a few without a partner (or whose partner's label file is unreadable) fail when read, so
+            # they are skipped and listed like any unreadable patch instead of sinking the whole set
+            rows = [(s2, s1 or mapping.get(s2)) for s2, s1 in rows]
         return rows
 
     def _no_patches(self, pattern: str, folder: Path) -> FileNotFoundError:
@@ -237,20 +240,34 @@ class BigEarthNetV1(Dataset):
             f"no {pattern} patch folders under {folder} (expected BigEarthNet-v1.0/ and BigEarthNet-S1-v1.0/ with "
             f"one folder per patch, or --root pointing at a folder of patches){shown}")
 
-    def _s2_name_of_s1(self, folder: Path) -> str:
-        meta = read_labels_json(folder / f"{folder.name}_labels_metadata.json")
-        if not isinstance(meta.get("corresponding_s2_patch"), str):
-            raise EOReadError(folder / f"{folder.name}_labels_metadata.json", "has no 'corresponding_s2_patch' name")
-        return meta["corresponding_s2_patch"]
+    def _s2_name_of_s1(self, folder: Path, default: str | None = None) -> str | None:
+        """The S2 partner named by an S1 label file; `default` when the file cannot be used (the patch
+        then fails when read, with the reason, and is skipped like any unreadable patch)."""
+        path = folder / f"{folder.name}_labels_metadata.json"
+        try:
+            name = read_labels_json(path).get("corresponding_s2_patch")
+        except (EOReadError, OSError) as err:
+            self._unreadable_s1_labels.append(str(err))
+            return default
+        if not isinstance(name, str):
+            self._unreadable_s1_labels.append(f"{path}: has no 'corresponding_s2_patch' name")
+            return default
+        return name
 
     def _s2_to_s1(self) -> dict[str, str]:
         """S2 -> S1 names from the S1 label files (one pass; pass two-column split CSVs to avoid it)."""
         if self._s1_of_s2 is None:
             if not self.s1_root.is_dir():
                 raise FileNotFoundError(f"BigEarthNet S1 folder not found: {self.s1_root}")
-            self._s1_of_s2 = {self._s2_name_of_s1(d): d.name for d in sorted(self.s1_root.iterdir())
-                              if d.is_dir() and d.name.startswith("S1")}
+            folders = [d for d in sorted(self.s1_root.iterdir()) if d.is_dir() and d.name.startswith("S1")]
+            self._s1_of_s2 = {s2: d.name for d in folders if (s2 := self._s2_name_of_s1(d)) is not None}
         return self._s1_of_s2
+
+    def _no_s1_partner(self, s2: str) -> EOReadError:
+        bad = self._unreadable_s1_labels
+        hint = f" ({len(bad)} S1 label files could not be used, e.g. {bad[0]})" if bad else ""
+        return EOReadError(self.s1_root, f"no Sentinel-1 patch with a readable label file names {s2} as its "
+                                         f"corresponding_s2_patch{hint}")
 
     # ---- samples -----------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -263,12 +280,16 @@ class BigEarthNetV1(Dataset):
             parts.append(read_s2_patch(self.s2_root / s2, self.s2_bands, filled_counts=self.filled_counts,
                                        **self.read_kwargs))
         if self.sensor in ("s1", "s1s2"):
+            if s1 is None:
+                raise self._no_s1_partner(s2)
             parts.append(read_s1_patch(self.s1_root / s1, self.s1_bands, filled_counts=self.filled_counts,
                                        **self.read_kwargs))
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
     def load_label(self, index: int) -> np.ndarray:
         s2, s1 = self.records[index]
+        if self.sensor == "s1" and s1 is None:
+            raise self._no_s1_partner(s2)
         folder = self.s2_root / s2 if self.sensor != "s1" else self.s1_root / s1
         path = folder / f"{folder.name}_labels_metadata.json"
         return v1_labels_to_19(read_labels_json(path)["labels"], source=path)

@@ -131,6 +131,38 @@ def test_v1_bad_label_files_are_named(ben, tmp_path):
         v1_labels_to_19([["Pastures"]])
 
 
+def test_v1_an_unreadable_s1_label_file_fails_only_its_patch(ben, tmp_path):
+    """Without a split file, S1 patches are paired with S2 through the S1 label files; a malformed one
+    used to fail the whole data set. Now its patch alone fails when read (and is skipped, as any
+    unreadable patch), naming the file; the others read as before."""
+    s1 = Path(shutil.copytree(ben / "s1-tiny", tmp_path / "s1"))
+    broken_s2, broken_s1 = next(iter(S1_OF_S2.items()))
+    (s1 / broken_s1 / f"{broken_s1}_labels_metadata.json").write_text("{not json")
+
+    s1_only = BigEarthNetV1(s1, sensor="s1")
+    assert len(s1_only) == len(EXPECTED_S1) and broken_s1 in s1_only.ids  # S2 partner unknown: its own name
+    for k, patch_id in enumerate(s1_only.ids):
+        if patch_id == broken_s1:
+            with pytest.raises(EOReadError, match=f"{broken_s1}_labels_metadata.json: not valid JSON"):
+                s1_only[k]
+        else:
+            assert names(s1_only[k]["label"]) == EXPECTED_S1[patch_id]
+
+    both = BigEarthNetV1(tmp_path, s2_root=ben / "s2-tiny", s1_root=s1, sensor="s1s2")
+    assert sorted(both.ids) == sorted(EXPECTED_S2)
+    for k, patch_id in enumerate(both.ids):
+        if patch_id == broken_s2:
+            with pytest.raises(EOReadError, match=f"names {patch_id} .*1 S1 label files could not be used, "
+                               f"e.g. .*{broken_s1}_labels_metadata.json: not valid JSON"):
+                both[k]
+        else:
+            assert both[k]["image"].shape == (14, 120, 120)
+    for d in s1.iterdir():  # no S1 partner at all: the S1 root is wrong, said at once
+        (d / f"{d.name}_labels_metadata.json").write_text("{not json")
+    with pytest.raises(FileNotFoundError, match="no Sentinel-1 patch in .* names"):
+        BigEarthNetV1(tmp_path, s2_root=ben / "s2-tiny", s1_root=s1, sensor="s1s2")
+
+
 @pytest.mark.parametrize("sensor", ["s2", "s1"])
 def test_v1_root_without_patch_folders_says_what_it_expected(ben, tmp_path, sensor):
     pattern = "S1" if sensor == "s1" else "S2"
