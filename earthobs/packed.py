@@ -28,6 +28,7 @@ float16 keeps 11 significant bits (S2 DN to +-0.05 %, S1 dB to +-0.016 at -40 dB
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -42,6 +43,8 @@ from earthobs.cache_request import check_cache, ids_digest
 from earthobs.choices import DATASETS, DTYPES
 from earthobs.readers import EOReadError, NoReadableSampleError, no_readable_sample
 from fm.io import ItemLock, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 FORMAT = "fm-packed-v1"
 DEFAULT_DTYPE = "float16"
@@ -353,6 +356,14 @@ def _absolute(path: str | os.PathLike | None) -> str | None:
     return str(Path(path).expanduser().resolve()) if path is not None else None
 
 
+def _warn_of_old_cache(old: Path, out: Path) -> None:
+    """fm-prepare once stored `bigearthnet` under that name, where fm-train and fm-eval never looked; say
+    so before packing again (hours on the full set) rather than leave a cache unused without a word."""
+    if old != out and (old / "meta.json").is_file() and not (out / "meta.json").is_file():
+        log.warning("a cache packed by an older fm-prepare is at %s but is read from %s: packing anew; to reuse "
+                    "it instead, stop now and move it there (mv %s %s)", old, out, old, out)
+
+
 def prepare(dataset_name: str, root: str | os.PathLike | None, out_dir: str | os.PathLike,
             split: str | None = "train", sensor: str = "s2", dtype: str | None = None,
             fraction: float | None = None, seed: int = 0, num_workers: int = 0, overwrite: bool = False,
@@ -377,6 +388,7 @@ def prepare(dataset_name: str, root: str | os.PathLike | None, out_dir: str | os
     out = base / sensor / split_name
     if (out / "meta.json").is_file() and not overwrite:  # refuse before reading the data or its subset list
         check_cache(out, dtype, source)
+    _warn_of_old_cache(Path(out_dir) / dataset_name.lower() / sensor / split_name, out)
     dataset = build_dataset(name, root, split=split, sensor=sensor, nan_policy=nan_policy, **dataset_kwargs)
     if fraction is not None:
         subset_file = base / f"{split_name}.txt"

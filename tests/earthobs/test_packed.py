@@ -197,6 +197,24 @@ def test_bigearthnet_alias_is_read_alike_by_prepare_eval_and_train(s2_tiny, tmp_
     assert sorted(p.name for p in cache.iterdir()) == ["bigearthnet-v1", "bigearthnet-v2"]
 
 
+def test_a_cache_under_the_old_bigearthnet_folder_is_pointed_out(s2_tiny, tmp_path, caplog):
+    """Older fm-prepare stored `bigearthnet` caches under that name, where nothing reads them: say where
+    the cache is and how to move it, before packing again."""
+    cache = tmp_path / "cache"
+    old = prepare("bigearthnet-v1", s2_tiny, cache, split=None)
+    (cache / "bigearthnet").mkdir()
+    old.parent.rename(cache / "bigearthnet" / "s2")
+    with caplog.at_level("WARNING", logger="earthobs.packed"):
+        out = prepare("bigearthnet", s2_tiny, cache, split=None)
+    moved = cache / "bigearthnet" / "s2" / "all"
+    assert any(f"at {moved} but is read from {out}" in r.getMessage() and f"mv {moved} {out}" in r.getMessage()
+               for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="earthobs.packed"):
+        prepare("bigearthnet", s2_tiny, cache, split=None)  # the new cache exists: nothing to say
+    assert not caplog.records
+
+
 class Unreadable(torch.utils.data.Dataset):
     """Patches that all fail to read, as under a wrong root."""
 
