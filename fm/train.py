@@ -182,6 +182,14 @@ def run_pretraining(
     return fit_pretraining(cfg, module, data, export, artifacts=artifacts, callbacks=callbacks, progress=progress)
 
 
+def resume_checkpoint(out: Path) -> Path | None:
+    """What a run in `out` resumes from: the newest of checkpoints/last.ckpt and the checkpoints Lightning
+    saves on SLURM's warning signal before a requeue (`<out>/hpc_ckpt_<n>.ckpt`; Lightning itself reads
+    those only when no checkpoint is passed, and we always pass one), so a requeued job loses no steps."""
+    found = [p for p in [out / "checkpoints" / "last.ckpt", *out.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
 def _report_skipped(folder: Path, since: float, run) -> None:
     """Say at the end of a run which inputs (across all workers and ranks) were unreadable and replaced."""
     entries = read_skipped(folder, since) if folder.is_dir() else []
@@ -213,7 +221,7 @@ def fit_pretraining(
     ckpt_dir = out / "checkpoints"
     out.mkdir(parents=True, exist_ok=True)
     max_steps = t["max_steps"] or t["epochs"] * t["epoch_length"]
-    resume_from = ckpt_dir / "last.ckpt" if t["resume"] and (ckpt_dir / "last.ckpt").is_file() else None
+    resume_from = resume_checkpoint(out) if t["resume"] else None
     tr = cfg["tracking"]
     tags = {"resumed_from": str(resume_from) if resume_from else "", **(tags or {})}
     with tracked_run(tr["experiment"], run_name=tr["run_name"], config=cfg, tracking_uri=tr["tracking_uri"],

@@ -23,3 +23,14 @@ class CrashAt(Callback):
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if trainer.global_step == self.step:
             raise RuntimeError("simulated crash")
+
+
+class RequeuedAt(CrashAt):
+    """What SLURM's warning signal does to a run under Lightning: at the start of step `step`, save the
+    pre-emption checkpoint (<default_root_dir>/hpc_ckpt_<n>.ckpt, as Lightning's SIGUSR1 handler does),
+    then stop as the requeued job's old allocation would."""
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))
+            raise RuntimeError("simulated requeue")

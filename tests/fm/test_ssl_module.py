@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlflow
 import pytest
 import torch
-from training_callbacks import CrashAt, RecordLosses
+from training_callbacks import CrashAt, RecordLosses, RequeuedAt
 
 from evaluation.core_domain import demo_source, texture_knn_accuracy
 from fm.config import resolve_config
@@ -40,6 +40,23 @@ def test_resume_after_crash_gives_identical_losses(tmp_path):
     assert sorted(resumed.losses) == [3, 4, 5]
     for step in (3, 4, 5):
         assert torch.equal(resumed.losses[step], straight.losses[step]), f"step {step} differs after resume"
+
+
+def test_a_requeued_run_resumes_from_the_preemption_checkpoint(tmp_path):
+    """The periodic checkpoint is from step 3; SLURM's warning signal made Lightning save one at step 5
+    before the requeue. The rerun continues at step 5 (not 3), with the straight run's losses."""
+    straight = RecordLosses()
+    run_pretraining(tiny_cfg(tmp_path / "a", "train.max_steps=7"), demo_source(tiny_cfg(tmp_path)),
+                    callbacks=[straight], progress=False)
+    cfg = tiny_cfg(tmp_path / "b", "train.max_steps=7", "train.checkpoint_every=3")
+    with pytest.raises(RuntimeError, match="simulated requeue"):
+        run_pretraining(cfg, demo_source(cfg), callbacks=[RequeuedAt(5)], progress=False)
+    assert (tmp_path / "b" / "run" / "hpc_ckpt_1.ckpt").is_file()
+    resumed = RecordLosses()
+    run_pretraining(cfg, demo_source(cfg), callbacks=[resumed], progress=False)
+    assert sorted(resumed.losses) == [5, 6]
+    for step in (5, 6):
+        assert torch.equal(resumed.losses[step], straight.losses[step]), f"step {step} differs after the requeue"
 
 
 def test_schedule_follows_config_not_max_steps(tmp_path):
