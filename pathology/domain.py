@@ -40,12 +40,15 @@ def _add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="slides tiled in parallel")
     p.add_argument("--overwrite", action="store_true", help="re-tile slides that are already done")
     p.add_argument("--write-samplesheet", metavar="CSV", help="also write the cohort as a samplesheet CSV")
+    p.add_argument("--samplesheet-only", action="store_true", help="with --write-samplesheet: write it, tile nothing")
 
 
 # -- fm-train pathology -----------------------------------------------------------------------
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     add_cohort_args(p)
     p.add_argument("--tiles-dir", help="[pathology.tiles_dir] where tiles are (tiled first if missing)")
+    p.add_argument("--tiled-only", action="store_true",
+                   help="train on the slides already tiled in --tiles-dir, tile none (as a pipeline's PRETRAIN step)")
     add_train_args(p)
 
 

@@ -60,8 +60,13 @@ def prepare(args: argparse.Namespace) -> dict:
         refuse_other_setting(out, (params["tile_px"], params["target_mpp"]), source,
                              "re-tile those (fm-prepare --slides ... --overwrite with these flags), or use another "
                              "--output-dir", besides=[r.slide_id for r in records] if args.overwrite else ())
+    only_sheet = getattr(args, "samplesheet_only", False)
+    if only_sheet and not args.write_samplesheet:
+        raise ValueError("--samplesheet-only needs --write-samplesheet CSV")
     if args.write_samplesheet:
         print(f"samplesheet: {write_samplesheet(records, args.write_samplesheet)}")
+    if only_sheet:
+        return {"samplesheet": str(args.write_samplesheet), "slides": len(records)}
     rows = tile_slides(records, out, params, args.overwrite)
     summary = rows.groupby("status").size().to_dict() if len(rows) else {}
     print(f"tiled {len(rows)} slide(s) into {out}: {summary}; manifest: {out / 'manifest.csv'}")

@@ -66,6 +66,12 @@ def train(args: argparse.Namespace) -> dict:
     refuse_other_setting(tiles_dir, setting, "the config (pathology.tile_px, pathology.target_mpp)",
                          "set them to the folder's (--set pathology.tile_px=... --set pathology.target_mpp=...), "
                          "or use another --tiles-dir")
+    if getattr(args, "tiled_only", False):  # the slides that have tiles; none is tiled here
+        untiled = [r.slide_id for r in records if not (tiles_dir / r.slide_id / COORDS_NAME).is_file()]
+        if untiled:
+            print(f"--tiled-only: leaving out {len(untiled)} slide(s) without tiles in {tiles_dir} "
+                  f"(e.g. {', '.join(untiled[:3])})")
+        records = [r for r in records if r.slide_id not in set(untiled)]
     rows = tile_slides(records, tiles_dir, params)  # tiles what is not tiled yet (resumable)
     with_tiles = set(rows.loc[rows["status"].isin([OK, SKIPPED_DONE]) & (rows["n_tiles"] > 0), "slide_id"])
     locked = rows.loc[rows["status"] == LOCKED, "slide_id"].tolist()

@@ -35,6 +35,11 @@ def packName(String dataset, String root) {
     return file("${root}/metadata.parquet").exists() ? 'bigearthnet-v2' : 'bigearthnet-v1'
 }
 
+// The training fraction the probe uses: BigEarthNet's 10 % subset by default, all of EuroSAT.
+def trainFraction(String dataset) {
+    return dataset == 'eurosat' ? params.eurosat_train_fraction : params.train_fraction
+}
+
 def trackingUri() {
     return params.tracking_uri ?: "sqlite:///${file(params.outdir).toAbsolutePath()}/mlflow.db"
 }
@@ -80,10 +85,10 @@ workflow EARTHOBS {
     // PREPARE: the training fraction and the test split of each data set, as EVAL reads them
     ch_splits = ch_roots.flatMap { name, root ->
         def pack = packName(name, root)
-        [tuple(name, pack, root, 'train', params.train_fraction), tuple(name, pack, root, 'test', '')]
+        [tuple(name, pack, root, 'train', trainFraction(name)), tuple(name, pack, root, 'test', '')]
     }
     EARTHOBS_PREPARE(ch_splits, packed_dir)
-    ch_ready = EARTHOBS_PREPARE.out.packed.groupTuple(size: 2).map { name, root_list -> tuple(name, root_list[0]) }
+    ch_ready = EARTHOBS_PREPARE.out.packed.groupTuple(size: 2).map { name, root_list -> tuple(name, root_list[0], trainFraction(name)) }
 
     // PRETRAIN (optional): EVAL then evaluates its teacher
     if (params.earthobs_pretrain) {
@@ -99,7 +104,7 @@ workflow EARTHOBS {
     ch_tracking = ch_tracking.mix(EARTHOBS_EVAL.out.tracking)
 
     if (!params.tracking_direct) {
-        TRACK(ch_tracking.collect(), trackingUri())
+        TRACK(ch_tracking.collect(sort: true), trackingUri())
     }
 
     emit:

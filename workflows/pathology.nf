@@ -69,15 +69,19 @@ workflow PATHOLOGY {
     ch_samplesheet = ch_sheet.first()  // a value channel: every task reads the same file
     ch_slide_ids = ch_sheet.splitCsv(header: true).map { row -> checkSlideRow(row) }
 
-    // TILE: one task per slide
+    // TILE: one task per slide; a slide that could not be tiled emits no tiles (see tiles/manifest.csv)
     PATHOLOGY_TILE(ch_slide_ids, ch_samplesheet)
-    ch_tiles = PATHOLOGY_TILE.out.tiles
-    PATHOLOGY_TILE.out.manifest.collectFile(name: 'manifest.csv', keepHeader: true, skip: 1, storeDir: "${params.outdir}/tiles")
+    PATHOLOGY_TILE.out.manifest.collectFile(name: 'manifest.csv', keepHeader: true, skip: 1, sort: true, storeDir: "${params.outdir}/tiles")
     ch_tracking = ch_tracking.mix(PATHOLOGY_TILE.out.tracking)
+    // sorted by slide id: lists that feed a task are in the same order in every run, so -resume finds it
+    ch_tiles = PATHOLOGY_TILE.out.tiles
+        .map { slide_id, dir, coords -> tuple(slide_id, dir) }
+        .toSortedList { a, b -> a[0] <=> b[0] }
+        .map { pairs -> pairs ?: error("no slide of ${params.samplesheet} could be tiled: see ${params.outdir}/tiles/manifest.csv") }
 
     // PRETRAIN (optional): DINOv2 on the tiles of all slides; EXTRACT then uses its teacher
     if (params.pathology_pretrain) {
-        PATHOLOGY_PRETRAIN(ch_samplesheet, ch_tiles.map { slide_id, dir -> dir }.collect(), optionalFile(params.pathology_config))
+        PATHOLOGY_PRETRAIN(ch_samplesheet, ch_tiles.map { pairs -> pairs.collect { pair -> pair[1] } }, optionalFile(params.pathology_config))
         ch_checkpoint = PATHOLOGY_PRETRAIN.out.teacher  // a value channel (all inputs are): every shard gets it
         ch_tracking = ch_tracking.mix(PATHOLOGY_PRETRAIN.out.tracking)
     } else {
@@ -87,24 +91,28 @@ workflow PATHOLOGY {
     // EXTRACT: shards of --extract_shard_size slides, formed from the sorted slide ids so that the
     // same slides always make the same shard (and -resume finds its cached tasks)
     ch_shards = ch_tiles
-        .toSortedList { a, b -> a[0] <=> b[0] }
         .flatMap { pairs -> pairs.collate(params.extract_shard_size) }
         .map { shard ->
             def ids = shard.collect { pair -> pair[0] }
             tuple(ids.size() > 1 ? "${ids[0]}..${ids[-1]}" : ids[0], ids.join(','), shard.collect { pair -> pair[1] })
         }
     PATHOLOGY_EXTRACT(ch_shards, ch_samplesheet, params.encoder, ch_checkpoint, optionalFile(params.encoder_weights))
+    PATHOLOGY_EXTRACT.out.manifest.collectFile(name: 'extract_manifest.csv', keepHeader: true, skip: 1, sort: true, storeDir: "${params.outdir}/features")
     ch_tracking = ch_tracking.mix(PATHOLOGY_EXTRACT.out.tracking)
 
-    // EVAL (optional): MIL on the features of every slide
+    // EVAL (optional): MIL on the features of every slide (labelled slides without features are left
+    // out with --drop_missing, and listed by fm-eval)
     if (params.eval_task) {
-        PATHOLOGY_EVAL(PATHOLOGY_EXTRACT.out.features.flatten().collect(), params.eval_task)
+        def labels = params.eval_task.startsWith('csv:') ? file(params.eval_task.substring(4), checkIfExists: true) : []
+        ch_features = PATHOLOGY_EXTRACT.out.features.flatten().collect(sort: true)
+            .ifEmpty { error("no slide has features: see ${params.outdir}/features/extract_manifest.csv") }
+        PATHOLOGY_EVAL(ch_features, params.eval_task, labels)
         ch_tracking = ch_tracking.mix(PATHOLOGY_EVAL.out.tracking)
     }
 
     // TRACK: one writer for all runs (tasks log straight to a tracking server with --tracking_direct)
     if (!params.tracking_direct) {
-        TRACK(ch_tracking.collect(), trackingUri())
+        TRACK(ch_tracking.collect(sort: true), trackingUri())
     }
 
     emit:

@@ -106,6 +106,34 @@ def test_pretraining_reads_the_cohorts_own_slide_paths_and_one_tile_setting(test
         invoke("train", [*train, "--cohorts", f"csv:{tmp_path / 'sub' / 'empty.csv'}"])
 
 
+def test_tiled_only_trains_on_the_tiled_slides_and_tiles_none(test_slides, tmp_path, monkeypatch):
+    """A pipeline's PRETRAIN gets the slides its TILE tasks tiled: with --tiled-only a slide of the cohort
+    without tiles is left out (said in one line), not tiled inside the GPU job. The control run without
+    the flag tiles it."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    import pathology.pretrain as pretrain
+
+    got = {}
+    monkeypatch.setattr(pretrain, "run_pretraining", lambda cfg, source, transform, artifacts: got.update(
+        source=source) or SimpleNamespace(export="none", run_id="none"))
+    cohort = tmp_path / "c.csv"
+    pd.DataFrame(dict(slide_path=[str(test_slides["x20"]), str(test_slides["x40"])], slide_id=["x20", "x40"],
+                      patient_id=["p1", "p2"])).to_csv(cohort, index=False)
+    tiles = tmp_path / "tiles"
+    invoke("prepare", ["pathology", "--cohorts", f"csv:{cohort}", "--slides", "x20", "--output-dir", str(tiles),
+                       "--tile-px", "64", "--target-mpp", "1.0"])
+    train = ["pathology", "--config", str(DEMO_CONFIG), "--cohorts", f"csv:{cohort}", "--tiles-dir", str(tiles),
+             "--output-dir", str(tmp_path / "run")]
+    invoke("train", [*train, "--tiled-only"])
+    assert [Path(s.slide_path).name for s in got["source"].stream.slides] == [test_slides["x20"].name]
+    assert not (tiles / "x40" / COORDS_NAME).exists()
+    invoke("train", train)  # the control: without the flag, the untiled slide is tiled and trained on
+    assert (tiles / "x40" / COORDS_NAME).is_file() and len(got["source"].stream.slides) == 2
+
+
 def test_slides_being_tiled_by_another_process_are_waited_for(test_slides, tmp_path):
     """Ranks of one job (srun fm-train) tile a cohort together: each must train on every slide, including
     those another rank had locked when it looked."""

@@ -340,3 +340,17 @@ def test_a_failed_overwrite_leaves_no_old_outputs_looking_done(test_slides, tmp_
     assert not (tmp_path / "tiles" / "s" / "coords.h5").exists()
     assert not (tmp_path / "tiles" / "s" / "thumbnail.png").exists()
     assert tile_slide(slide, tmp_path / "tiles", "s").status == FAILED  # not `skipped_done` on stale tiles
+
+
+def test_samplesheet_only_writes_the_cohort_and_tiles_nothing(test_slides, tmp_path):
+    from fm.cli import invoke
+
+    cohort = _csv_cohort(tmp_path / "c.csv", {"x20": test_slides["x20"], "x40": test_slides["x40"]})
+    sheet, out = tmp_path / "sheet.csv", tmp_path / "tiles"
+    invoke("prepare", ["pathology", "--cohorts", cohort, "--output-dir", str(out), "--write-samplesheet",
+                       str(sheet), "--samplesheet-only"])
+    rows = pd.read_csv(sheet)
+    assert sorted(rows["slide_id"]) == ["x20", "x40"] and all(Path(p).is_absolute() for p in rows["slide_path"])
+    assert not list(out.glob("*/coords.h5"))
+    with pytest.raises(ValueError, match="--samplesheet-only needs --write-samplesheet"):
+        invoke("prepare", ["pathology", "--cohorts", cohort, "--output-dir", str(out), "--samplesheet-only"])

@@ -183,7 +183,7 @@ def literal(token: str, scope: Mapping[str, Any]) -> Any:
     raise NfSyntaxError(f"unsupported Groovy expression {token!r}")
 
 
-def _top_find(text: str, token: str) -> int:
+def top_find(text: str, token: str) -> int:
     """Index of the first `token` outside brackets and strings, or -1."""
     depth, j = 0, 0
     while j < len(text):
@@ -201,15 +201,15 @@ def _top_find(text: str, token: str) -> int:
 
 def evaluate(expr: str, scope: Mapping[str, Any]) -> Any:
     """`a`, `cond ? a : b` or `a ?: b` with Groovy truth (null, false, 0, '' and [] are false)."""
-    q = _top_find(expr, "?")
+    q = top_find(expr, "?")
     if q < 0:
         return literal(expr, scope)
     if expr.startswith("?:", q):
         value = literal(expr[:q], scope)
         return value if value else literal(expr[q + 2 :], scope)
     branches = expr[q + 1 :]
-    c = _top_find(branches, ":")
-    if c < 0 or _top_find(branches, "?") >= 0:
+    c = top_find(branches, ":")
+    if c < 0 or top_find(branches, "?") >= 0:
         raise NfSyntaxError(f"unsupported expression {expr!r}: one `cond ? a : b` or `a ?: b` at most")
     return literal(branches[:c] if literal(expr[:q], scope) else branches[c + 1 :], scope)
 

@@ -34,6 +34,7 @@ from nfgroovy import (  # noqa: F401  (re-exported for the tests)
     split_top,
     string_end,
     strip_comments,
+    top_find,
 )
 
 SECTIONS = ("input", "output", "when", "script", "shell", "exec", "stub")

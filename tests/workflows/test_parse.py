@@ -106,6 +106,40 @@ def gpu_problems(root: Path) -> list[str]:
     return problems
 
 
+def resume_problems(root: Path) -> list[str]:
+    """Lists that feed a task are sorted: `collect` and `toList` emit in task-completion order, which
+    differs between a run and its -resume, and Nextflow hashes a list of paths in order, so an unsorted
+    list reruns its task (and, for PRETRAIN, every task after it)."""
+    problems = []
+    for pipeline in PIPELINES:
+        for n, line in enumerate((root / pipeline).read_text().splitlines(), 1):
+            for m in re.finditer(r"\.(collect|toList)\((.*?)\)", line):
+                if "sort: true" not in m.group(2):
+                    problems.append(f"{pipeline}: `.{m.group(1)}({m.group(2)})` without `sort: true` (line {n})")
+    return problems
+
+
+def error_strategy(expr: str, exit_status: int, attempt: int) -> str:
+    """Evaluate an errorStrategy closure of the form our configs use (nested `cond ? a : b`, `in` a list
+    built from ranges and numbers, comparisons of task.exitStatus / task.attempt) for one task."""
+    expr = expr.strip()
+    if expr.startswith("{") and expr.endswith("}"):
+        expr = expr[1:-1].strip()
+    while expr.startswith("(") and nf.matching_close(expr, 0) == len(expr) - 1:
+        expr = expr[1:-1].strip()
+    q = nf.top_find(expr, "?")
+    if q >= 0:
+        branches = expr[q + 1 :]
+        c = nf.top_find(branches, ":")
+        taken = branches[:c] if error_strategy(expr[:q], exit_status, attempt) else branches[c + 1 :]
+        return error_strategy(taken, exit_status, attempt)
+    python = re.sub(r"\((\d+)\.\.(\d+)\)", r"list(range(\1, \2 + 1))", expr)
+    python = re.sub(r"(list\(range\([^)]*\)\))\s*\+\s*(\d+)", r"\1 + [\2]", python)
+    python = python.replace("&&", " and ").replace("||", " or ")
+    python = python.replace("task.exitStatus", "exit_status").replace("task.attempt", "attempt")
+    return eval(python, {"__builtins__": {"list": list, "range": range}}, {"exit_status": exit_status, "attempt": attempt})
+
+
 def test_every_nextflow_file_parses_and_includes_resolve():
     assert len(list(WORKFLOWS.rglob("*.nf"))) >= 2 + 5
     assert parse_problems(WORKFLOWS) == []
@@ -129,6 +163,32 @@ def test_workflow_calls_match_process_declarations():
 
 def test_gpu_processes_request_gpus_on_slurm():
     assert gpu_problems(WORKFLOWS) == []
+
+
+def test_lists_that_feed_a_task_are_sorted_so_resume_finds_it():
+    assert resume_problems(WORKFLOWS) == []
+
+
+def test_a_bad_slide_is_left_out_but_a_broken_run_stops():
+    """fm-prepare / fm-extract exit 0 on a bad slide (tested with the real commands in
+    test_pipeline_commands), so a non-zero exit of TILE or EXTRACT is a kill (retried once, then that
+    slide or shard is dropped) or an error of the whole run (a wrong flag, missing weights, fm-* not
+    on PATH), which must stop the pipeline rather than leave an empty run that reports success."""
+    process = nf.read_config(WORKFLOWS / "conf" / "base.config").block("process")
+    per_slide = process.block("withName: 'PATHOLOGY_TILE|PATHOLOGY_EXTRACT'").assignments["errorStrategy"]
+    for status, attempt, expected in [(137, 1, "retry"), (140, 1, "retry"), (104, 1, "retry"), (137, 2, "ignore"),
+                                      (2, 1, "finish"), (1, 1, "finish"), (127, 1, "finish"), (2, 2, "finish")]:
+        assert error_strategy(per_slide, status, attempt) == expected, (status, attempt)
+    default = process.assignments["errorStrategy"]
+    assert [error_strategy(default, s, 1) for s in (137, 2, 127)] == ["retry", "finish", "finish"]
+
+
+def test_the_test_profile_caps_what_tasks_ask_for():
+    """conf/base.config reads params.max_* before any profile sets them, so the test profile must set the
+    caps themselves (else a task asks a 2-CPU runner for 6 CPUs and 36 GB, and the local executor refuses)."""
+    test = nf.read_config(WORKFLOWS / "conf" / "test.config")
+    assert test.block("process").assignments["resourceLimits"] == "[cpus: 2, memory: 6.GB, time: 1.h]"
+    assert test.block("executor").assignments == {"cpus": "2", "memory": "6.GB"}
 
 
 def test_multi_node_pretraining_uses_srun_and_matching_slurm_request():
@@ -170,8 +230,8 @@ def test_checks_catch_a_broken_pipeline(tmp_path):
     pipeline = broken / "pathology.nf"
     text = pipeline.read_text()
     text = text.replace("PATHOLOGY_TILE.out.tiles", "PATHOLOGY_TILE.out.tile", 1)
-    text = text.replace("PATHOLOGY_EVAL(PATHOLOGY_EXTRACT.out.features.flatten().collect(), params.eval_task)",
-                        "PATHOLOGY_EVAL(PATHOLOGY_EXTRACT.out.features.flatten().collect())")
+    text = text.replace("PATHOLOGY_EVAL(ch_features, params.eval_task, labels)", "PATHOLOGY_EVAL(ch_features, params.eval_task)")
+    text = text.replace("TRACK(ch_tracking.collect(sort: true)", "TRACK(ch_tracking.collect()")
     pipeline.write_text(text)
     tile = broken / "modules" / "pathology_tile.nf"
     tile.write_text(tile.read_text().replace("    label 'process_medium'\n", "").replace(
@@ -182,7 +242,8 @@ def test_checks_catch_a_broken_pipeline(tmp_path):
 
     wiring = wiring_problems(broken)
     assert any("PATHOLOGY_TILE.out.tile " in p for p in wiring)
-    assert any("PATHOLOGY_EVAL called with 1 arguments" in p for p in wiring)
+    assert any("PATHOLOGY_EVAL called with 2 arguments" in p for p in wiring)
+    assert [p.split(" (line")[0] for p in resume_problems(broken)] == ["pathology.nf: `.collect()` without `sort: true`"]
     modules = module_problems(broken)
     assert any("pathology_tile.nf: labels []" in p for p in modules)
     assert any("pathology_tile.nf: script runs 2 fm-* commands" in p for p in modules)

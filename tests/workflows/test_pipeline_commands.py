@@ -47,13 +47,18 @@ def pack_name(dataset: str, root: str) -> str:
     return "bigearthnet-v2" if (Path(root) / "metadata.parquet").exists() else "bigearthnet-v1"
 
 
+def train_fraction(params: dict, dataset: str) -> float:
+    """earthobs.nf `trainFraction`."""
+    return params["eurosat_train_fraction"] if dataset == "eurosat" else params["train_fraction"]
+
+
 def tracking_uri(params: dict) -> str:
     return params["tracking_uri"] or f"sqlite:///{Path(params['outdir']).absolute()}/mlflow.db"
 
 
 def run_track(runner: nf.Runner, tracking: list) -> nf.TaskResult | None:
-    """TRACK(ch_tracking.collect(), ...): runs once when any task left a tracking folder."""
-    runs = [t for t in tracking if t is not None]
+    """TRACK(ch_tracking.collect(sort: true), ...): runs once when any task left a tracking folder."""
+    runs = sorted(t for t in tracking if t is not None)
     if runner.params["tracking_direct"] or not runs:
         return None
     return runner.run("TRACK", runs=runs, tracking_uri=tracking_uri(runner.params))
@@ -70,7 +75,10 @@ def run_pathology(runner: nf.Runner) -> dict:
 
     tiles = runner.run_each("PATHOLOGY_TILE", [dict(slide_id=s, samplesheet=sheet) for s in slide_ids])
     tracking += [t.outputs["tracking"] for t in tiles]
-    pairs = sorted(t.outputs["tiles"] for t in tiles)  # toSortedList { a, b -> a[0] <=> b[0] }
+    # .map { slide_id, dir, coords -> tuple(slide_id, dir) }.toSortedList { a, b -> a[0] <=> b[0] }: an
+    # untileable slide emits no tuple (optional output)
+    pairs = sorted((t.outputs["tiles"][0], t.outputs["tiles"][1]) for t in tiles if t.outputs["tiles"] is not None)
+    assert pairs, f"no slide of {sheet} could be tiled"  # .map { pairs -> pairs ?: error(...) }
 
     checkpoint = []
     if p["pathology_pretrain"]:
@@ -87,14 +95,16 @@ def run_pathology(runner: nf.Runner) -> dict:
         encoder=p["encoder"], checkpoint=checkpoint, weights=optional_file(p["encoder_weights"]),
     ) for shard in shards])
     tracking += [e.outputs["tracking"] for e in extracts]
-    features = [f for e in extracts for f in e.outputs["features"]]
+    features = sorted(f for e in extracts for f in e.outputs["features"] or [])  # .flatten().collect(sort: true)
 
     evaluation = None
     if p["eval_task"]:
-        evaluation = runner.run("PATHOLOGY_EVAL", features=features, eval_task=p["eval_task"])
+        assert features, "no slide has features"  # .ifEmpty { error(...) }
+        labels = Path(p["eval_task"][4:]) if p["eval_task"].startswith("csv:") else []
+        evaluation = runner.run("PATHOLOGY_EVAL", features=features, eval_task=p["eval_task"], labels=labels)
         tracking.append(evaluation.outputs["tracking"])
     return dict(sheet=sheet, slide_ids=slide_ids, tiles=tiles, shards=shards, extracts=extracts, features=features,
-                checkpoint=checkpoint, eval=evaluation, track=run_track(runner, tracking),
+                checkpoint=checkpoint, pretrain=pretrain if p["pathology_pretrain"] else None, eval=evaluation, track=run_track(runner, tracking),
                 tracking=[t for t in tracking if t is not None])
 
 
@@ -114,9 +124,9 @@ def run_earthobs(runner: nf.Runner) -> dict:
         roots["eurosat"] = p["eurosat_root"]
 
     splits = [dict(dataset=d, pack_as=pack_name(d, r), root=r, split=s, fraction=f, packed_dir=packed_dir)
-              for d, r in roots.items() for s, f in (("train", p["train_fraction"]), ("test", ""))]
+              for d, r in roots.items() for s, f in (("train", train_fraction(p, d)), ("test", ""))]
     prepared = runner.run_each("EARTHOBS_PREPARE", splits)
-    ready = dict(r.outputs["packed"] for r in prepared)  # groupTuple(size: 2) -> (dataset, root)
+    ready = dict(r.outputs["packed"] for r in prepared)  # groupTuple(size: 2) -> (dataset, root, fraction)
     packs = sorted(Path(packed_dir).glob("*/*/*/meta.json"))
 
     checkpoint = []
@@ -127,7 +137,7 @@ def run_earthobs(runner: nf.Runner) -> dict:
         tracking.append(pretrain.outputs["tracking"])
 
     evals = runner.run_each("EARTHOBS_EVAL", [dict(
-        dataset=d, root=r, packed_dir=packed_dir, encoder=p["eo_encoder"] or "", checkpoint=checkpoint,
+        dataset=d, root=r, train_fraction=train_fraction(p, d), packed_dir=packed_dir, encoder=p["eo_encoder"] or "", checkpoint=checkpoint,
         weights=optional_file(p["eo_encoder_weights"])) for d, r in ready.items()])
     tracking += [e.outputs["tracking"] for e in evals]
     return dict(roots=roots, packed_dir=Path(packed_dir), packs=packs, prepared=prepared, checkpoint=checkpoint, evals=evals,
@@ -147,7 +157,7 @@ def make_runner(tmp_path: Path, stub: bool, **overrides) -> nf.Runner:
 def test_pathology_pipeline_stubs_feed_each_other(tmp_path):
     out = run_pathology(make_runner(tmp_path, stub=True))
     assert out["slide_ids"] == ["STUB-00", "STUB-01"]
-    assert [s for s, _ in [t.outputs["tiles"] for t in out["tiles"]]] == out["slide_ids"]
+    assert [t.outputs["tiles"][0] for t in out["tiles"]] == out["slide_ids"]
     assert len(out["shards"]) == 1  # 2 slides, shards of 6
     assert sorted(f.name for f in out["features"]) == ["STUB-00.h5", "STUB-01.h5"]
     (extract_dir,) = {f.parent.parent for f in out["features"]}
@@ -243,8 +253,9 @@ def commands_for(params: dict, tmp_path: Path) -> list[tuple[str, list[str]]]:
     values = dict(slide_id="DEMO-00", shard_id="DEMO-00..DEMO-05", slide_list="DEMO-00,DEMO-01",
                   encoder="pathology/phikon-v2", eval_task="demo", dataset="bigearthnet", pack_as="bigearthnet-v1",
                   root=str(present),
-                  split="train", fraction=0.1, packed_dir=str(present / "packed"), tracking_uri="sqlite:///x.db")
-    variants = {"PATHOLOGY_EVAL": [{}, {"eval_task": f"csv:{present}/labels.csv"}]}
+                  split="train", fraction=0.1, train_fraction=1.0, packed_dir=str(present / "packed"),
+                  tracking_uri="sqlite:///x.db")
+    variants = {"PATHOLOGY_EVAL": [{"labels": nf.Staged()}, {"eval_task": f"csv:{present}/labels.csv"}]}
     runner = nf.Runner(WORKFLOWS, tmp_path / "unused", params)
     commands = []
     for name, proc in sorted(runner.processes.items()):
@@ -267,17 +278,49 @@ def require_domain(verb: str, domain: str) -> None:
         pytest.skip(f"`fm-{verb} {domain}` is not implemented yet (no `{domain}` in the fm.domains entry points)")
 
 
+def test_a_slide_that_cannot_be_tiled_is_left_out_by_a_task_that_succeeds(tmp_path):
+    """The real TILE command on a corrupt slide exits 0 (so errorStrategy keeps the run going) and emits
+    no `tiles`, so nothing downstream gets the slide; the manifest says why."""
+    require_domain("prepare", "pathology")
+    (tmp_path / "bad.tif").write_bytes(b"II*\x00" + bytes(2000))
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_text(f"slide_id,patient_id,slide_path\nBAD,P0,{tmp_path / 'bad.tif'}\n")
+    task = make_runner(tmp_path, stub=False).run("PATHOLOGY_TILE", slide_id="BAD", samplesheet=sheet)
+    assert task.outputs["tiles"] is None and task.outputs["thumbnail"] is None
+    with open(task.outputs["manifest"], newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["slide_id"] == "BAD" and row["status"] == "failed" and "bad.tif" in row["reason"]
+
+
 @pytest.mark.slow
 def test_pathology_pipeline_commands_run_on_demo_data(tmp_path):
+    """The whole pipeline on the demo cohort, one slide of which is corrupt: it is left out of every
+    step after TILE and of EVAL (--drop_missing), and the rest runs to the end."""
     require_domain("prepare", "pathology")
-    out = run_pathology(make_runner(tmp_path, stub=False))
-    with open(out["sheet"], newline="") as f:
+    demo = nf.Runner(WORKFLOWS, tmp_path / "sheet-work", {**PROFILE, "outdir": str(tmp_path / "sheet")},
+                     env=make_runner(tmp_path, stub=False).env).run("PATHOLOGY_SAMPLESHEET")
+    with open(demo.outputs["samplesheet"], newline="") as f:
         rows = list(csv.DictReader(f))
     assert all(Path(r["slide_path"]).is_file() for r in rows), "the demo samplesheet must name existing slides"
+    bad = rows[3]
+    corrupt = tmp_path / "corrupt.tif"
+    corrupt.write_bytes(Path(bad["slide_path"]).read_bytes()[:5000])  # a download cut short
+    bad["slide_path"] = str(corrupt)
+    sheet = tmp_path / "samplesheet.csv"
+    with open(sheet, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+    out = run_pathology(make_runner(tmp_path, stub=False, samplesheet=str(sheet)))
     assert len(out["slide_ids"]) >= 6
-    assert sorted(f.stem for f in out["features"]) == sorted(out["slide_ids"]), "one features file per slide"
+    good = sorted(set(out["slide_ids"]) - {bad["slide_id"]})
+    assert sorted(f.stem for f in out["features"]) == good, "one features file per tileable slide"
+    assert "--tiled-only" in out["pretrain"].script
     results = out["eval"].outputs["results"].read_text()
     assert results.count("\n") >= 2, f"eval/results.csv holds no result rows:\n{results}"
+    assert bad["slide_id"] in (out["eval"].workdir / ".command.out").read_text() + (
+        out["eval"].workdir / ".command.err").read_text(), "EVAL says which labelled slide it left out"
     assert_tracked(out, tmp_path)
 
 

@@ -8,7 +8,7 @@ process EARTHOBS_EVAL {
     publishDir "${params.outdir}", mode: params.publish_dir_mode, pattern: "eval_${dataset}/*"
 
     input:
-    tuple val(dataset), val(root)
+    tuple val(dataset), val(root), val(train_fraction)
     val packed_dir
     val encoder
     path checkpoint
@@ -32,7 +32,7 @@ process EARTHOBS_EVAL {
         --packed ${packed_dir} \\
         --modality ${params.modality} \\
         --protocol ${params.protocol} \\
-        --train-fraction ${params.train_fraction} \\
+        --train-fraction ${train_fraction} \\
         --seed ${params.seed} \\
         --num-workers ${task.cpus} \\
         --output-dir eval_${dataset} \\

@@ -1,6 +1,7 @@
 /*
  * Tile features for one shard of slides (`--extract_shard_size` slides per GPU task), so that the
- * encoder is loaded once per shard rather than once per slide. Writes features/<slide_id>.h5.
+ * encoder is loaded once per shard rather than once per slide. Writes features/<slide_id>.h5; a slide
+ * that fails (or has no tissue tile) has none and is listed, with the reason, in the shard's manifest.
  */
 process PATHOLOGY_EXTRACT {
     tag "${shard_id}"
@@ -15,7 +16,8 @@ process PATHOLOGY_EXTRACT {
     path weights
 
     output:
-    path "features/*.h5", emit: features
+    path "features/*.h5", optional: true, emit: features
+    path "features/extract_manifest.csv", emit: manifest
     path "tracking", optional: true, emit: tracking
 
     script:
@@ -41,5 +43,6 @@ process PATHOLOGY_EXTRACT {
     mkdir -p tracking
     mkdir -p features
     for slide in \$(echo ${slide_list} | tr ',' ' '); do touch features/\$slide.h5; done
+    printf 'slide_id,status\\n' > features/extract_manifest.csv
     """
 }

@@ -1,5 +1,6 @@
 /*
- * DINOv2 pretraining on the tiles of every slide: one multi-GPU (optionally multi-node) job. It reads
+ * DINOv2 pretraining on the tiles of every slide that TILE tiled (--tiled-only: a slide TILE could not
+ * tile is left out, not tiled again inside the GPU job): one multi-GPU (optionally multi-node) job. It reads
  * the tiles at the pipeline's tile setting (--tile_px, --target_mpp), whatever the config says: fm-train
  * refuses a config whose setting differs from the tiles it is given.
  * On SLURM, conf/slurm.config requests --nodes/--ntasks-per-node/--gres and sets ext.launcher to
@@ -30,6 +31,7 @@ process PATHOLOGY_PRETRAIN {
     ${launcher} fm-train pathology \\
         --cohorts csv:${samplesheet} \\
         --tiles-dir tiles \\
+        --tiled-only \\
         --set pathology.tile_px=${params.tile_px} \\
         --set pathology.target_mpp=${params.target_mpp} \\
         --output-dir pretrain \\

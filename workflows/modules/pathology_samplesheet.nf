@@ -1,6 +1,7 @@
 /*
  * The generated demo cohort as a samplesheet, so that `-profile test` starts from a CSV like any
  * real run. The slides themselves are generated once into $FM_CACHE_DIR; the CSV holds absolute paths.
+ * Nothing is tiled here: the TILE tasks do that, one slide each.
  */
 process PATHOLOGY_SAMPLESHEET {
     label 'process_low'
@@ -11,7 +12,7 @@ process PATHOLOGY_SAMPLESHEET {
 
     script:
     """
-    fm-prepare pathology --cohorts demo --write-samplesheet samplesheet.csv
+    fm-prepare pathology --cohorts demo --write-samplesheet samplesheet.csv --samplesheet-only
     """
 
     stub:

@@ -1,6 +1,7 @@
 /*
  * Tissue detection and tile coordinates for ONE slide: many small CPU tasks that each resume on
- * their own. A slide whose tiling fails loses only its own task (see errorStrategy in conf/base.config).
+ * their own. A slide that cannot be tiled is recorded in tiles/manifest.csv and emits no `tiles`, so
+ * it is left out downstream; the task itself succeeds (see errorStrategy in conf/base.config).
  */
 process PATHOLOGY_TILE {
     tag "${slide_id}"
@@ -12,9 +13,8 @@ process PATHOLOGY_TILE {
     path samplesheet
 
     output:
-    tuple val(slide_id), path("tiles/${slide_id}"), emit: tiles
-    path "tiles/${slide_id}/coords.h5", emit: coords
-    path "tiles/${slide_id}/thumbnail.png", emit: thumbnail
+    tuple val(slide_id), path("tiles/${slide_id}"), path("tiles/${slide_id}/coords.h5"), optional: true, emit: tiles
+    path "tiles/${slide_id}/thumbnail.png", optional: true, emit: thumbnail
     path "tiles/manifest.csv", emit: manifest
     path "tracking", optional: true, emit: tracking
 
