@@ -71,7 +71,7 @@ workflow PATHOLOGY {
 
     // TILE: one task per slide; a slide that could not be tiled emits no tiles (see tiles/manifest.csv)
     PATHOLOGY_TILE(ch_slide_ids, ch_samplesheet)
-    PATHOLOGY_TILE.out.manifest.collectFile(name: 'manifest.csv', keepHeader: true, skip: 1, sort: true, storeDir: "${params.outdir}/tiles")
+    PATHOLOGY_TILE.out.manifest.collectFile(name: 'manifest.csv', keepHeader: true, skip: 1, storeDir: "${params.outdir}/tiles")
     ch_tracking = ch_tracking.mix(PATHOLOGY_TILE.out.tracking)
     // sorted by slide id: lists that feed a task are in the same order in every run, so -resume finds it
     ch_tiles = PATHOLOGY_TILE.out.tiles
@@ -97,7 +97,7 @@ workflow PATHOLOGY {
             tuple(ids.size() > 1 ? "${ids[0]}..${ids[-1]}" : ids[0], ids.join(','), shard.collect { pair -> pair[1] })
         }
     PATHOLOGY_EXTRACT(ch_shards, ch_samplesheet, params.encoder, ch_checkpoint, optionalFile(params.encoder_weights))
-    PATHOLOGY_EXTRACT.out.manifest.collectFile(name: 'extract_manifest.csv', keepHeader: true, skip: 1, sort: true, storeDir: "${params.outdir}/features")
+    PATHOLOGY_EXTRACT.out.manifest.collectFile(name: 'extract_manifest.csv', keepHeader: true, skip: 1, storeDir: "${params.outdir}/features")
     ch_tracking = ch_tracking.mix(PATHOLOGY_EXTRACT.out.tracking)
 
     // EVAL (optional): MIL on the features of every slide (labelled slides without features are left
