@@ -58,10 +58,13 @@ def demo_source(cfg: dict) -> DemoTextures:
 
 
 def train(args: argparse.Namespace) -> dict:
+    import lightning as L
+
     from fm.train import build_module, run_pretraining
 
     cfg = apply_train_flags(args, args.cfg)
-    baseline = texture_knn_accuracy(build_module(cfg).backbone, cfg)
+    L.seed_everything(cfg["train"]["seed"], workers=True, verbose=False)  # as run_pretraining seeds: the
+    baseline = texture_knn_accuracy(build_module(cfg).backbone, cfg)  # very network training starts from
     result = run_pretraining(cfg, demo_source(cfg))
     trained = texture_knn_accuracy(result.module.backbone, cfg)
     from fm.tracking import tracked_run

@@ -99,24 +99,6 @@ def clip_sharded_grad_norm_(parameters, max_norm: float, group, device: torch.de
     return total
 
 
-@torch.no_grad()
-def init_missing_optimizer_state_(optimizer: torch.optim.Optimizer, params) -> None:
-    """Give each non-empty parameter in `params` that has no optimizer state the state Adam(W) creates at
-    its first update (step 0, zero moments; `step` modelled on a parameter that has one).
-
-    Under FSDP the frozen prototypes need it: FSDP's full optimizer state dict refuses a flat parameter
-    whose trainable members lack state ("... is not in the optimizer state", torch _optim_utils.py
-    `_convert_state_with_orig_params`), so any checkpoint in the frozen first epoch crashed. Adam(W)
-    skips parameters without gradient, so this state stays untouched until the prototypes are unfrozen
-    and their updates are those of lazily created state."""
-    ref = next((st for st in optimizer.state.values() if "step" in st), None)
-    if ref is None:
-        return
-    for p in params:
-        if p.numel() and not optimizer.state.get(p):
-            optimizer.state[p] = {k: torch.zeros_like(v) if k == "step" else torch.zeros_like(p) for k, v in ref.items()}
-
-
 class DINOv2Module(L.LightningModule):
     def __init__(self, config: dict, global_batch: int | None = None):
         super().__init__()
@@ -134,7 +116,6 @@ class DINOv2Module(L.LightningModule):
         self.ibot_centering = TeacherCentering(n_ibot, d["centering"], d["center_momentum"], d["sk_iterations"])
         batch = global_batch or config["data"]["batch_size"]
         self.schedules = build_schedules(o, m, t["epochs"], t["epoch_length"], batch)
-        self.freeze_last_layer_steps = int(o["freeze_last_layer_epochs"] * t["epoch_length"])
         self.n_global = 2
 
     # -- initialisation from pretrained weights (continual pretraining) -------------------------
@@ -225,12 +206,6 @@ class DINOv2Module(L.LightningModule):
         model = self._trainer.strategy.model
         return model if isinstance(model, FSDP) else None
 
-    def on_before_optimizer_step(self, optimizer):
-        if self.global_step < self.freeze_last_layer_steps:  # prototypes frozen in the first epoch
-            for name, p in self.student.named_parameters():
-                if "last_layer" in name:
-                    p.grad = None
-
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
         """Step, then the EMA teacher update: teacher = m * teacher + (1 - m) * student with m from the
         cosine momentum schedule. Done here, not in on_train_batch_end, because Lightning's checkpoint
@@ -243,9 +218,6 @@ class DINOv2Module(L.LightningModule):
             ema_update_(self.teacher, self.student, momentum)
         else:
             fsdp_ema_update_(self.teacher, self.student, momentum, root)
-            if step < self.freeze_last_layer_steps:
-                frozen = [p for name, p in self.student.named_parameters() if "last_layer" in name]
-                init_missing_optimizer_state_(getattr(optimizer, "optimizer", optimizer), frozen)
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import traceback
+import uuid
 import warnings
 from collections.abc import Mapping
 from importlib import metadata
@@ -78,6 +79,29 @@ def resolve_tracking_uri(flag: str | os.PathLike | None = None) -> str:
         db = path if path.suffix in {".db", ".sqlite", ".sqlite3"} else path / DB_NAME
     db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db}"
+
+
+class TrackingStoreError(ValueError):
+    """The tracking store cannot be used (server down, refused backend): one line naming the URI."""
+
+
+PROBE_TIMEOUT_S = 5.0
+
+
+def _probe_server(uri: str) -> None:
+    """An http(s) store that does not answer fails now, in seconds, not after MLflow's retries (minutes)
+    and a traceback. Only a failed connection counts: any HTTP answer means something is listening."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingStoreError(f"cannot reach the MLflow tracking server {uri} ({reason}); start it, or log to a "
+                                 "local store (--tracking-uri DIR or sqlite:///path/mlflow.db)") from err
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -376,10 +400,18 @@ class tracked_run:  # noqa: N801  (used like a function: `with tracked_run(...) 
         return self.run
 
     def _start(self, uri: str, parent: TrackedRun | None) -> TrackedRun:
-        client = _client(uri)
-        experiment_id = (
-            parent.experiment_id if parent is not None else _experiment_id(client, uri, self.experiment)
-        )
+        from mlflow.exceptions import MlflowException
+
+        try:
+            if parent is None and uri.startswith(("http://", "https://")):
+                _probe_server(uri)
+            client = _client(uri)
+            experiment_id = (
+                parent.experiment_id if parent is not None else _experiment_id(client, uri, self.experiment)
+            )
+        except (MlflowException, OSError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise TrackingStoreError(f"MLflow tracking store {uri}: {first}") from err
         tags = {
             "git_commit": _git_commit(),
             "fm_version": _fm_version(),
@@ -388,7 +420,9 @@ class tracked_run:  # noqa: N801  (used like a function: `with tracked_run(...) 
         }
         if parent is not None:
             tags[PARENT_RUN_TAG] = parent.run_id
-        info = client.create_run(experiment_id, tags=tags, run_name=self.run_name).info
+        # MLflow draws its random run names from `random`, which training seeds: name the run by its time
+        run_name = self.run_name or f"{self.experiment or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+        info = client.create_run(experiment_id, tags=tags, run_name=run_name).info
         run = TrackedRun(client, info.run_id, experiment_id, uri)
         if self.config is not None:
             try:

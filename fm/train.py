@@ -15,10 +15,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.strategies import FSDPStrategy
 
 from fm.augment import MultiCropTransform
+from fm.cli import UserError
 from fm.config import dump
 from fm.skipped_inputs import SKIPPED_DIR, read_skipped, summary
 from fm.ssl_data import ImageSource, SSLDataModule
@@ -132,16 +133,56 @@ def _strategy(name: str):
     return name
 
 
+def check_run_config(cfg: dict) -> None:
+    """Values that would fail deep inside training (or, for max_steps 0, silently train the whole
+    schedule), refused up front in one line."""
+    t, d = cfg["train"], cfg["data"]
+    if int(d["batch_size"]) < 1:
+        raise UserError(f"--batch-size (data.batch_size) must be at least 1, got {d['batch_size']}")
+    if t["max_steps"] is not None and int(t["max_steps"]) < 1:
+        raise UserError(f"--max-steps (train.max_steps) must be at least 1, or null for the whole schedule; "
+                        f"got {t['max_steps']}")
+    out = Path(t["output_dir"])
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output-dir {out} is a file, not a folder")
+    if t.get("export_every_checkpoint") and t["strategy"] == "fsdp":
+        raise UserError("train.export_every_checkpoint is not supported with --strategy fsdp (the teacher is "
+                        "sharded while training); the final export is written as usual")
+    if cfg["model"]["init_weights"] and not cfg["model"]["init"]:
+        raise UserError(f"--weights {cfg['model']['init_weights']} needs --from ENCODER (the encoder those weights "
+                        f"are for), or give the file itself to --from")
+    crops, chans = cfg.get("crops"), cfg["model"]["backbone"].get("in_chans", 3)
+    for key in ("mean", "std"):
+        if crops and key in crops and len(crops[key]) != chans:
+            raise UserError(f"crops.{key} has {len(crops[key])} values for a backbone of {chans} input channels "
+                            f"(model.backbone.in_chans)")
+
+
+def _describe(backbone) -> str:
+    c, spec = backbone.cfg, backbone.cfg.resolved()
+    return (f"{c.arch}/{c.patch_size} ({spec['embed_dim']}-d, {spec['depth']} blocks, {c.num_registers} registers, "
+            f"{c.in_chans} channels)")
+
+
 def build_module(cfg: dict) -> DINOv2Module:
+    check_run_config(cfg)
     t = cfg["train"]
     world = max(int(t["devices"]), 1) * max(int(t["num_nodes"]), 1)
     module = DINOv2Module(cfg, global_batch=cfg["data"]["batch_size"] * world)
     init = cfg["model"]["init"]
     if init:
         from fm.registry import load_encoder
+        from fm.weights import WeightsError
 
         loaded = load_encoder(init, weights=cfg["model"]["init_weights"], with_heads=True)
-        module.init_from(loaded.backbone.state_dict(), loaded.heads)
+        try:
+            module.init_from(loaded.backbone.state_dict(), loaded.heads)
+        except WeightsError as err:
+            raise UserError(
+                f"--from {init} is a {_describe(loaded.backbone)} encoder but the config builds a "
+                f"{_describe(module.backbone)} one: use a config made for it (e.g. --config "
+                f"fm/configs/core/dinov2_vitl14.yaml for dinov2/vitl14) or set model.backbone.* to match "
+                f"({str(err).splitlines()[0]})") from err
     if cfg["model"]["compile"] and torch.cuda.is_available() and cfg["train"]["accelerator"] != "cpu":
         for branch in (module.student, module.teacher):
             branch["backbone"].compile()
@@ -182,12 +223,50 @@ def run_pretraining(
     return fit_pretraining(cfg, module, data, export, artifacts=artifacts, callbacks=callbacks, progress=progress)
 
 
+class ExportEveryCheckpoint(Callback):
+    """`train.export_every_checkpoint`: the teacher is also exported beside every periodic checkpoint
+    (`export/teacher_step<N>.safetensors`), so a long run can be evaluated while it trains."""
+
+    def __init__(self, every: int, export: Callable, folder: Path):
+        self.every, self.export, self.folder = int(every), export, folder
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step % self.every == 0 and trainer.is_global_zero:
+            self.export(self.folder / f"teacher_step{step:07d}.safetensors", module, step)
+
+
 def resume_checkpoint(out: Path) -> Path | None:
     """What a run in `out` resumes from: the newest of checkpoints/last.ckpt and the checkpoints Lightning
     saves on SLURM's warning signal before a requeue (`<out>/hpc_ckpt_<n>.ckpt`; Lightning itself reads
     those only when no checkpoint is passed, and we always pass one), so a requeued job loses no steps."""
     found = [p for p in [out / "checkpoints" / "last.ckpt", *out.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
     return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
+def _check_resumable(path: Path, module: L.LightningModule) -> None:
+    """A checkpoint this model cannot continue from (another architecture or head size in the same
+    --output-dir, a damaged file) is refused in one line with the ways out, before Lightning's
+    state-dict traceback."""
+    from fm.weights import SAFE_GLOBALS
+
+    way_out = "start over in this folder with --set train.resume=false, or use another --output-dir"
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+    except Exception as err:  # truncated, not a checkpoint, refused by weights_only
+        raise UserError(f"cannot resume from {path}: not a readable training checkpoint "
+                        f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}); "
+                        f"{way_out}") from err
+    want = module.state_dict()
+    differ = [k for k in sorted(set(saved) | set(want))
+              if k not in saved or k not in want or tuple(saved[k].shape) != tuple(want[k].shape)]
+    if differ:
+        k = differ[0]
+        shapes = f"checkpoint {tuple(saved[k].shape) if k in saved else 'none'}, config " \
+                 f"{tuple(want[k].shape) if k in want else 'none'}"
+        raise UserError(f"cannot resume from {path}: it is a run of another model ({len(differ)} tensors differ, "
+                        f"e.g. {k}: {shapes}); {way_out}")
 
 
 def _report_skipped(folder: Path, since: float, run) -> None:
@@ -220,8 +299,11 @@ def fit_pretraining(
     out = Path(t["output_dir"])
     ckpt_dir = out / "checkpoints"
     out.mkdir(parents=True, exist_ok=True)
-    max_steps = t["max_steps"] or t["epochs"] * t["epoch_length"]
+    check_run_config(cfg)
+    max_steps = t["max_steps"] if t["max_steps"] is not None else t["epochs"] * t["epoch_length"]
     resume_from = resume_checkpoint(out) if t["resume"] else None
+    if resume_from is not None:
+        _check_resumable(resume_from, module)
     tr = cfg["tracking"]
     tags = {"resumed_from": str(resume_from) if resume_from else "", **(tags or {})}
     with tracked_run(tr["experiment"], run_name=tr["run_name"], config=cfg, tracking_uri=tr["tracking_uri"],
@@ -232,6 +314,8 @@ def fit_pretraining(
         checkpoint = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=t["checkpoint_every"], save_last=True,
                                      save_top_k=-1, filename="step{step:07d}", auto_insert_metric_name=False)
         cbs = [checkpoint, *callbacks]
+        if t.get("export_every_checkpoint"):
+            cbs.append(ExportEveryCheckpoint(t["checkpoint_every"], export, out / "export"))
         if progress:
             cbs.append(TQDMProgressBar(refresh_rate=max(1, t["log_every"])))
         trainer = L.Trainer(

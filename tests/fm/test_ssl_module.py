@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning as L
 import mlflow
 import pytest
 import torch
@@ -69,8 +70,12 @@ def test_pretraining_learns_texture_classes(tmp_path):
     """kNN on frozen teacher CLS beats the same network at initialisation by a clear margin."""
     cfg = resolve_config(CONFIGS_DIR / "core" / "demo_cpu.yaml",
                          overrides=[f"train.output_dir={tmp_path}/run", "train.max_steps=100"])
-    init_acc = texture_knn_accuracy(build_module(cfg).backbone, cfg)
+    L.seed_everything(cfg["train"]["seed"], workers=True, verbose=False)  # as run_pretraining seeds
+    init = build_module(cfg).backbone
+    init_acc = texture_knn_accuracy(init, cfg)
     result = run_pretraining(cfg, demo_source(cfg), progress=False)
+    L.seed_everything(cfg["train"]["seed"], workers=True, verbose=False)
+    torch.testing.assert_close(build_module(cfg).backbone.vit.cls_token, init.vit.cls_token)  # the same start
     trained_acc = texture_knn_accuracy(result.module.backbone, cfg)
     assert trained_acc > init_acc + 0.15, (init_acc, trained_acc)
 
@@ -103,3 +108,31 @@ def test_continual_pretraining_starts_from_exported_backbone_and_heads(tmp_path)
                 assert torch.equal(want, got), f"{name}.{key} not initialised from the export"
     fresh = build_module(tiny_cfg(tmp_path / "c"))
     assert not torch.equal(fresh.student["backbone"].vit.pos_embed, module.student["backbone"].vit.pos_embed)
+
+
+def test_prototypes_are_frozen_by_their_learning_rate_alone_in_the_first_epoch(tmp_path):
+    """As DINOv2 (train.py: last_layer_lr 0 in freeze_last_layer_epochs, nothing else): the prototypes keep
+    their gradients, so the per-submodule clipping and Adam's moments see them, and do not move until
+    the epoch ends; then they train."""
+    from lightning.pytorch.callbacks import Callback
+
+    class Watch(Callback):
+        def __init__(self):
+            self.weights, self.moments = {}, {}
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            (name, p), *_ = [(n, p) for n, p in module.student.named_parameters() if "dino_head.last_layer" in n]
+            self.weights[trainer.global_step] = p.detach().clone()
+            state = trainer.optimizers[0].state.get(p, {})
+            self.moments[trainer.global_step] = float(state["exp_avg"].abs().sum()) if "exp_avg" in state else 0.0
+
+    cfg = tiny_cfg(tmp_path, "train.max_steps=4", "train.epoch_length=2", "optim.warmup_epochs=0",
+                   "optim.freeze_last_layer_epochs=1", "train.epochs=2")
+    L.seed_everything(cfg["train"]["seed"], workers=True, verbose=False)
+    start = [p.detach().clone() for n, p in build_module(cfg).student.named_parameters()
+             if "dino_head.last_layer" in n][0]
+    watch = Watch()
+    run_pretraining(cfg, demo_source(cfg), callbacks=[watch], progress=False)
+    assert torch.equal(watch.weights[1], start) and torch.equal(watch.weights[2], start)  # frozen in epoch 1
+    assert watch.moments[1] > 0  # but their gradients reached the optimizer, as in DINOv2
+    assert not torch.equal(watch.weights[4], start)  # and they train from epoch 2 on
