@@ -182,7 +182,7 @@ def build_module(cfg: dict) -> DINOv2Module:
                 f"--from {init} is a {_describe(loaded.backbone)} encoder but the config builds a "
                 f"{_describe(module.backbone)} one: use a config made for it (e.g. --config "
                 f"fm/configs/core/dinov2_vitl14.yaml for dinov2/vitl14) or set model.backbone.* to match "
-                f"({str(err).splitlines()[0]})") from err
+                f"({str(err).splitlines()[0].rstrip(':')})") from err
     if cfg["model"]["compile"] and torch.cuda.is_available() and cfg["train"]["accelerator"] != "cpu":
         for branch in (module.student, module.teacher):
             branch["backbone"].compile()
