@@ -107,7 +107,8 @@ def _run(verb: str, argv: Sequence[str] | None) -> int:
     try:
         with sigterm_exits():  # a killed job still releases its locks and writes its manifest
             invoke(verb, argv)
-    except (UserError, ConfigError, ValueError, KeyError, OSError) as e:
+    except (UserError, ConfigError, ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError,
+            IsADirectoryError, PermissionError) as e:  # bad input; other OSErrors (I/O, network) keep their traceback
         if os.environ.get("FM_DEBUG"):
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

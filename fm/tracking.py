@@ -88,20 +88,26 @@ class TrackingStoreError(ValueError):
 PROBE_TIMEOUT_S = 5.0
 
 
+def _safe_uri(uri: str) -> str:
+    """`uri` without the password of a user:password@ part, for messages."""
+    return re.sub(r"//([^/@:]+):[^/@]*@", r"//\1:***@", uri)
+
+
 def _probe_server(uri: str) -> None:
     """An http(s) store that does not answer fails now, in seconds, not after MLflow's retries (minutes)
-    and a traceback. Only a failed connection counts: any HTTP answer means something is listening."""
-    import urllib.error
-    import urllib.request
+    and a traceback. The probe goes through MLflow's own client (its TLS, certificate and credential
+    settings), without retries; any HTTP answer means the server is there."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
 
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S).close()
-    except urllib.error.HTTPError:
-        return
-    except (urllib.error.URLError, OSError) as err:
-        reason = getattr(err, "reason", err)
-        raise TrackingStoreError(f"cannot reach the MLflow tracking server {uri} ({reason}); start it, or log to a "
-                                 "local store (--tracking-uri DIR or sqlite:///path/mlflow.db)") from err
+        http_request(get_default_host_creds(uri), "/health", "GET", max_retries=0, timeout=PROBE_TIMEOUT_S,
+                     raise_on_status=False)
+    except Exception as err:  # no HTTP answer at all: refused, unknown host, TLS failure, timeout
+        found = re.findall(r"\[Errno [^\]]+\][^\"')]*|CERTIFICATE_VERIFY_FAILED[^\"')]*|timed out", str(err))
+        reason = found[-1].strip() if found else type(err).__name__
+        raise TrackingStoreError(f"cannot reach the MLflow tracking server {_safe_uri(uri)} ({reason}); start it, "
+                                 "or log to a local store (--tracking-uri DIR or sqlite:///path/mlflow.db)") from err
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -411,7 +417,7 @@ class tracked_run:  # noqa: N801  (used like a function: `with tracked_run(...) 
             )
         except (MlflowException, OSError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise TrackingStoreError(f"MLflow tracking store {uri}: {first}") from err
+            raise TrackingStoreError(f"MLflow tracking store {_safe_uri(uri)}: {first}") from err
         tags = {
             "git_commit": _git_commit(),
             "fm_version": _fm_version(),

@@ -238,10 +238,42 @@ class ExportEveryCheckpoint(Callback):
 
 def resume_checkpoint(out: Path) -> Path | None:
     """What a run in `out` resumes from: the newest of checkpoints/last.ckpt and the checkpoints Lightning
-    saves on SLURM's warning signal before a requeue (`<out>/hpc_ckpt_<n>.ckpt`; Lightning itself reads
-    those only when no checkpoint is passed, and we always pass one), so a requeued job loses no steps."""
+    saves on SLURM's warning signal before a requeue (`<out>/hpc_ckpt_<n>.ckpt`; Lightning reads those
+    itself only when it is given no checkpoint), so a requeued job loses no steps."""
     found = [p for p in [out / "checkpoints" / "last.ckpt", *out.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
     return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
+def _set_aside_preemption_checkpoints(out: Path) -> None:
+    """`train.resume=false` starts over, but under SLURM Lightning resumes from `<out>/hpc_ckpt_*.ckpt` by
+    itself whenever it is given no checkpoint: move them to checkpoints/set_aside/ (kept, not read)."""
+    aside = out / "checkpoints" / "set_aside"
+    for path in sorted(out.glob("hpc_ckpt_*.ckpt")):
+        aside.mkdir(parents=True, exist_ok=True)
+        try:
+            path.rename(aside / f"{time.strftime('%Y%m%d-%H%M%S')}-{path.name}")
+            print(f"train.resume=false: moved {path.name} to {aside} (a fresh run must not resume from it)")
+        except FileNotFoundError:  # another rank of this job moved it first
+            continue
+
+
+def _run_start(folder: Path, resumed: bool) -> float:
+    """When this run began, across requeues and resumes (its skipped-input records since then are its own):
+    a fresh run notes the time in `folder`/started; a resumed one reads it back."""
+    marker = folder / "started"
+    if resumed and marker.is_file():
+        try:
+            return float(marker.read_text())
+        except ValueError:
+            pass
+    now = time.time()
+    if not resumed:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            marker.write_text(repr(now))
+        except OSError:
+            pass
+    return now if not resumed else 0.0
 
 
 def _check_resumable(path: Path, module: L.LightningModule) -> None:
@@ -304,6 +336,9 @@ def fit_pretraining(
     resume_from = resume_checkpoint(out) if t["resume"] else None
     if resume_from is not None:
         _check_resumable(resume_from, module)
+    elif not t["resume"]:
+        _set_aside_preemption_checkpoints(out)
+    run_start = _run_start(out / SKIPPED_DIR, resumed=resume_from is not None)
     tr = cfg["tracking"]
     tags = {"resumed_from": str(resume_from) if resume_from else "", **(tags or {})}
     with tracked_run(tr["experiment"], run_name=tr["run_name"], config=cfg, tracking_uri=tr["tracking_uri"],
@@ -328,7 +363,6 @@ def fit_pretraining(
         skipped = getattr(getattr(datamodule, "source", None), "skipped", None)
         if skipped is not None:
             skipped.folder = out / SKIPPED_DIR
-        started = time.time()
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
         if isinstance(trainer.strategy, FSDPStrategy):
             unwrap_fsdp(trainer)
@@ -339,6 +373,6 @@ def fit_pretraining(
             run.log_artifact(export_path, "model")
             run.log_artifact(out / "config.yaml")
             run.log_metrics({"final/steps": trainer.global_step})
-            _report_skipped(out / SKIPPED_DIR, started, run)
+            _report_skipped(out / SKIPPED_DIR, run_start, run)
         last = Path(checkpoint.last_model_path) if checkpoint.last_model_path else None
         return PretrainResult(out, last, export_path, run.run_id, module)

@@ -71,7 +71,8 @@ def train(args: argparse.Namespace) -> dict:
         if untiled:
             print(f"--tiled-only: leaving out {len(untiled)} slide(s) without tiles in {tiles_dir} "
                   f"(e.g. {', '.join(untiled[:3])})")
-        records = [r for r in records if r.slide_id not in set(untiled)]
+        left_out = set(untiled)
+        records = [r for r in records if r.slide_id not in left_out]
     rows = tile_slides(records, tiles_dir, params)  # tiles what is not tiled yet (resumable)
     with_tiles = set(rows.loc[rows["status"].isin([OK, SKIPPED_DONE]) & (rows["n_tiles"] > 0), "slide_id"])
     locked = rows.loc[rows["status"] == LOCKED, "slide_id"].tolist()

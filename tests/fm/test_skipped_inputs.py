@@ -46,3 +46,19 @@ def test_a_folder_that_cannot_be_written_does_not_stop_training(tmp_path, caplog
         skipped.note(3, "patch 3", "missing band file")
     assert skipped.keys == {3}
     assert any("could not record" in r.getMessage() for r in caplog.records)
+
+
+def test_a_resumed_run_sums_up_its_earlier_segments_too(tmp_path):
+    """The summary at the end of a requeued or resumed run covers what was replaced before the requeue:
+    the run's start is noted when it starts fresh and read back when it resumes."""
+    from fm.train import _run_start
+
+    folder = tmp_path / "skipped"
+    first = _run_start(folder, resumed=False)
+    before_requeue = SkippedInputs("slide")
+    before_requeue.folder = folder
+    before_requeue.note(0, "/slides/a.svs", "read error")
+    time.sleep(0.01)
+    assert _run_start(folder, resumed=True) == first
+    assert [e["name"] for e in read_skipped(folder, _run_start(folder, resumed=True))] == ["/slides/a.svs"]
+    assert read_skipped(folder, _run_start(folder, resumed=False)) == []  # a fresh run starts its own count

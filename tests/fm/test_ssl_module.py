@@ -60,6 +60,23 @@ def test_a_requeued_run_resumes_from_the_preemption_checkpoint(tmp_path):
         assert torch.equal(resumed.losses[step], straight.losses[step]), f"step {step} differs after the requeue"
 
 
+def test_starting_over_under_slurm_does_not_resume_from_a_preemption_checkpoint(tmp_path, monkeypatch):
+    """train.resume=false starts over: under SLURM, Lightning resumes from <out>/hpc_ckpt_*.ckpt on its own
+    whenever it is given no checkpoint, so those are set aside (kept), and the run trains from step 0."""
+    cfg = tiny_cfg(tmp_path, "train.max_steps=6", "train.checkpoint_every=3")
+    with pytest.raises(RuntimeError, match="simulated requeue"):
+        run_pretraining(cfg, demo_source(cfg), callbacks=[RequeuedAt(4)], progress=False)
+    for key, value in dict(SLURM_NTASKS="1", SLURM_JOB_NAME="fm", SLURM_NODELIST="localhost", SLURM_PROCID="0",
+                           SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_JOB_ID="1", SLURM_NTASKS_PER_NODE="1").items():
+        monkeypatch.setenv(key, value)  # a SLURM batch job, as Lightning's SLURMEnvironment.detect() sees it
+    fresh = tiny_cfg(tmp_path, "train.max_steps=3", "train.checkpoint_every=3", "train.resume=false")
+    steps = RecordLosses()
+    run_pretraining(fresh, demo_source(fresh), callbacks=[steps], progress=False)
+    assert sorted(steps.losses) == [0, 1, 2]
+    assert not list((tmp_path / "run").glob("hpc_ckpt_*.ckpt"))
+    assert [p.name.split("-")[-1] for p in (tmp_path / "run" / "checkpoints" / "set_aside").iterdir()] == ["hpc_ckpt_1.ckpt"]
+
+
 def test_schedule_follows_config_not_max_steps(tmp_path):
     """Stopping early (max_steps) must not compress the schedules: they span epochs x epoch_length."""
     module = build_module(tiny_cfg(tmp_path, "train.max_steps=3"))

@@ -70,10 +70,36 @@ def test_an_encoder_that_does_not_fit_the_config_says_what_both_are(tmp_path):
 
 def test_a_tracking_server_that_does_not_answer_fails_in_seconds(tmp_path):
     start = time.monotonic()
-    with pytest.raises(TrackingStoreError, match=r"cannot reach the MLflow tracking server http://127.0.0.1:9"):
-        with tracked_run("x", tracking_uri="http://127.0.0.1:9"):
+    with pytest.raises(TrackingStoreError, match=r"cannot reach the MLflow tracking server http://me:\*\*\*@127.0.0.1:9 "
+                                                 r"\(\[Errno 111\] Connection refused\)") as err:
+        with tracked_run("x", tracking_uri="http://me:secret@127.0.0.1:9"):
             pass
     assert time.monotonic() - start < 30  # MLflow's own retries took minutes
+    assert "secret" not in str(err.value)
+
+
+def test_the_probe_passes_any_server_that_answers():
+    """Only no answer at all counts as down: a server (or a proxy) answering /health with any status
+    passes, as MLflow itself would reach it."""
+    import http.server
+    import threading
+
+    from fm.tracking import _probe_server
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the handler API)
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        _probe_server(f"http://127.0.0.1:{server.server_port}/some/prefix")
+    finally:
+        server.shutdown()
 
 
 def test_a_refused_store_is_one_line_naming_it(tmp_path):
