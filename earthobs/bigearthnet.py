@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,6 +39,8 @@ from torch.utils.data import Dataset
 from earthobs.bands import BIGEARTHNET_S2_BANDS, S1_BANDS, canonical_bands
 from earthobs.readers import EOReadError, read_json, read_s1_patch, read_s2_patch
 from fm.io import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 BEN19_CLASSES: tuple[str, ...] = (
     "Urban fabric",
@@ -215,6 +218,9 @@ class BigEarthNetV1(Dataset):
                     if d.is_dir() and d.name.startswith("S1")]  # unreadable label file: the S1 name as id
             if not rows:
                 raise self._no_patches("S1*", self.s1_root)
+            if self._unreadable_s1_labels:
+                log.warning("%d S1 label files cannot be used (their patches are skipped when read), e.g. %s",
+                            len(self._unreadable_s1_labels), self._unreadable_s1_labels[0])
         else:
             if not self.s2_root.is_dir():
                 raise FileNotFoundError(f"BigEarthNet S2 folder not found: {self.s2_root}")
@@ -229,6 +235,9 @@ class BigEarthNetV1(Dataset):
                                         f"({len(missing)} in all) as its corresponding_s2_patch")
             # a few without a partner (or whose partner's label file is unreadable) fail when read, so
             # they are skipped and listed like any unreadable patch instead of sinking the whole set
+            if missing:
+                log.warning("%d of %d S2 patches have no S1 patch (with a readable label file) in %s naming them, "
+                            "e.g. %s: they are skipped when read", len(missing), len(rows), self.s1_root, missing[0])
             rows = [(s2, s1 or mapping.get(s2)) for s2, s1 in rows]
         return rows
 

@@ -361,7 +361,7 @@ def _warn_of_old_cache(old: Path, out: Path) -> None:
     so before packing again (hours on the full set) rather than leave a cache unused without a word."""
     if old != out and (old / "meta.json").is_file() and not (out / "meta.json").is_file():
         log.warning("a cache packed by an older fm-prepare is at %s but is read from %s: packing anew; to reuse "
-                    "it instead, stop now and move it there (mv %s %s)", old, out, old, out)
+                    "it instead, stop now and move it there (mkdir -p %s && mv %s %s)", old, out, out.parent, old, out)
 
 
 def prepare(dataset_name: str, root: str | os.PathLike | None, out_dir: str | os.PathLike,

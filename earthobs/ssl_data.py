@@ -80,7 +80,7 @@ class EOSource:
         if norm.bands != self.data_bands:
             raise ValueError(f"normalisation is for bands {list(norm.bands)} but the data holds {list(self.data_bands)}")
         to_model_bands(np.zeros((len(self.data_bands), 1, 1), np.float32), self.data_bands, self.bands)  # fail early
-        self.num_classes = num_classes or int(np.asarray(self._raw_label(0)[0]).shape[-1])
+        self.num_classes = num_classes or self._label_width()
         self.skipped = SkippedInputs("sample")  # samples found unreadable (keyed by index)
         self.replaced: dict[int, int] = {}  # sample -> the one read in its place by the last get()
 
@@ -92,6 +92,17 @@ class EOSource:
         if hasattr(ds, "load_image"):
             return ds.load_image(i)
         return np.asarray(ds[i]["image"])
+
+    def _label_width(self) -> int:
+        """Classes per label, from the first sample whose label can be read."""
+        errors = []
+        for j in range(min(len(self.dataset), MAX_REPLACEMENTS + 1)):
+            try:
+                return int(np.asarray(self._raw_label(j)[0]).shape[-1])
+            except (EOReadError, OSError) as err:
+                errors.append(err)
+        raise EOReadError(getattr(errors[-1], "path", "?"), f"no label of the first {len(errors)} training samples "
+                          f"could be read; the last: {errors[-1]}")
 
     def _name(self, i: int) -> str:
         ids = getattr(self.dataset, "ids", None)
@@ -118,6 +129,8 @@ class EOSource:
             j = (i + attempt * _REPLACEMENT_STEP) % len(self.dataset)
             try:
                 raw = self._raw_image(j)
+                if self.use_labels:
+                    self._raw_label(j)  # a patch whose label file is unreadable is replaced too
             except (EOReadError, OSError) as err:
                 errors.append(err)
                 self.skipped.note(j, self._name(j), err)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from data_bigearthnet_v2 import PATCHES, make_bigearthnet_v2
 
-from earthobs.bands import BIGEARTHNET_S2_BANDS
+from earthobs.bands import BIGEARTHNET_S2_BANDS, S1_BANDS
 from earthobs.bigearthnet import (
     BEN19_CLASSES,
     BEN43_CLASSES,
@@ -131,7 +131,7 @@ def test_v1_bad_label_files_are_named(ben, tmp_path):
         v1_labels_to_19([["Pastures"]])
 
 
-def test_v1_an_unreadable_s1_label_file_fails_only_its_patch(ben, tmp_path):
+def test_v1_an_unreadable_s1_label_file_fails_only_its_patch(ben, tmp_path, caplog):
     """Without a split file, S1 patches are paired with S2 through the S1 label files; a malformed one
     used to fail the whole data set. Now its patch alone fails when read (and is skipped, as any
     unreadable patch), naming the file; the others read as before."""
@@ -148,7 +148,9 @@ def test_v1_an_unreadable_s1_label_file_fails_only_its_patch(ben, tmp_path):
         else:
             assert names(s1_only[k]["label"]) == EXPECTED_S1[patch_id]
 
-    both = BigEarthNetV1(tmp_path, s2_root=ben / "s2-tiny", s1_root=s1, sensor="s1s2")
+    with caplog.at_level("WARNING", logger="earthobs.bigearthnet"):
+        both = BigEarthNetV1(tmp_path, s2_root=ben / "s2-tiny", s1_root=s1, sensor="s1s2")
+    assert any("1 of 3 S2 patches have no S1 patch" in r.getMessage() for r in caplog.records)  # said at once
     assert sorted(both.ids) == sorted(EXPECTED_S2)
     for k, patch_id in enumerate(both.ids):
         if patch_id == broken_s2:
@@ -161,6 +163,24 @@ def test_v1_an_unreadable_s1_label_file_fails_only_its_patch(ben, tmp_path):
         (d / f"{d.name}_labels_metadata.json").write_text("{not json")
     with pytest.raises(FileNotFoundError, match="no Sentinel-1 patch in .* names"):
         BigEarthNetV1(tmp_path, s2_root=ben / "s2-tiny", s1_root=s1, sensor="s1s2")
+
+
+def test_v1_s1_patch_with_an_unreadable_label_is_replaced_in_training(ben, tmp_path):
+    """S1 only: the patch's image reads but its label file does not; SoftCon training from the raw patches
+    replaces it (with the replacement's own label) like any unreadable patch, also when it is the first."""
+    from earthobs.normalize import stats_spec
+    from earthobs.ssl_data import EOSource, modality_bands
+
+    s1 = Path(shutil.copytree(ben / "s1-tiny", tmp_path / "s1"))
+    dataset = BigEarthNetV1(s1, sensor="s1")
+    first = dataset.records[0][1]
+    (s1 / first / f"{first}_labels_metadata.json").write_text("{not json")
+    dataset = BigEarthNetV1(s1, sensor="s1")
+    source = EOSource(dataset, stats_spec("softcon", "bigearthnet_s1", S1_BANDS), modality_bands("s1"))
+    image, (label, _) = source.get(0), source.label(0)
+    j = source.replaced[0]
+    assert j != 0 and source.skipped.keys == {0}
+    assert torch.equal(label, dataset[j]["label"]) and image.shape == (2, 120, 120)
 
 
 @pytest.mark.parametrize("sensor", ["s2", "s1"])

@@ -197,22 +197,36 @@ def test_bigearthnet_alias_is_read_alike_by_prepare_eval_and_train(s2_tiny, tmp_
     assert sorted(p.name for p in cache.iterdir()) == ["bigearthnet-v1", "bigearthnet-v2"]
 
 
-def test_a_cache_under_the_old_bigearthnet_folder_is_pointed_out(s2_tiny, tmp_path, caplog):
-    """Older fm-prepare stored `bigearthnet` caches under that name, where nothing reads them: say where
-    the cache is and how to move it, before packing again."""
+def test_a_cache_under_the_old_bigearthnet_folder_is_pointed_out_and_reused_once_moved(s2_tiny, tmp_path, caplog):
+    """Older fm-prepare stored `bigearthnet` caches under that name (and recorded that name), where nothing
+    reads them: say where the cache is and how to move it before packing again; once moved as said, it
+    is reused as it is."""
+    import json
+    import subprocess
+
     cache = tmp_path / "cache"
-    old = prepare("bigearthnet-v1", s2_tiny, cache, split=None)
-    (cache / "bigearthnet").mkdir()
-    old.parent.rename(cache / "bigearthnet" / "s2")
-    with caplog.at_level("WARNING", logger="earthobs.packed"):
-        out = prepare("bigearthnet", s2_tiny, cache, split=None)
-    moved = cache / "bigearthnet" / "s2" / "all"
-    assert any(f"at {moved} but is read from {out}" in r.getMessage() and f"mv {moved} {out}" in r.getMessage()
-               for r in caplog.records)
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="earthobs.packed"):
-        prepare("bigearthnet", s2_tiny, cache, split=None)  # the new cache exists: nothing to say
-    assert not caplog.records
+    made = prepare("bigearthnet-v1", s2_tiny, cache, split=None)
+    meta = json.loads((made / "meta.json").read_text())
+    meta["source"]["name"] = "bigearthnet"  # what those versions recorded
+    (made / "meta.json").write_text(json.dumps(meta))
+    old = cache / "bigearthnet" / "s2" / "all"
+    old.parent.mkdir(parents=True)
+    made.rename(old)
+    stamp = (old / "meta.json").stat().st_mtime_ns
+
+    def prepare_logged() -> tuple[Path, list[str]]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="earthobs.packed"):
+            out = prepare("bigearthnet", s2_tiny, cache, split=None)
+        return out, [r.getMessage() for r in caplog.records]
+
+    out, (message,) = prepare_logged()
+    assert f"at {old} but is read from {out}" in message
+    shutil.rmtree(out)  # the user stopped that packing, as the message says
+    subprocess.run(message[message.index("(mkdir -p ") + 1 : -1], shell=True, check=True)  # and ran its command
+    again, messages = prepare_logged()
+    assert again == out and messages == []
+    assert (out / "meta.json").stat().st_mtime_ns == stamp  # the old cache, reused as it is
 
 
 class Unreadable(torch.utils.data.Dataset):
