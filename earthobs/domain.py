@@ -43,7 +43,7 @@ def add_train_cli(p: argparse.ArgumentParser) -> None:
     g.add_argument("--labels", metavar="JSON", help="[data.labels] SSL4EO-S12 Dynamic World multi-hot labels")
     g.add_argument("--packed", metavar="DIR", help="[data.packed_dir] pack the training split here once, then memory-map it")
     g.add_argument("--nan-policy", choices=NAN_POLICIES, help="[data.nan_policy] NaN/inf/nodata pixels in the "
-                   "GeoTIFFs: raise (the patch stops the run; a --packed cache skips it) or zero (fill with 0)")
+                   "GeoTIFFs: raise (the patch is replaced by another, or skipped by a --packed cache) or zero (fill with 0)")
     g.add_argument("--init", dest="init", metavar="ENCODER",
                    help="[model.init] same as --from: registered encoder (dinov2/vitb14) or checkpoint to continue")
     g.add_argument("--init-mode", choices=["auto", *INIT_MODES],

@@ -8,6 +8,7 @@ and exit with status 2 instead of a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -100,7 +101,47 @@ def invoke(verb: str, argv: Sequence[str] | None = None):
             cfg = apply(args, args.cfg) if apply else args.cfg
             print(dump(cfg), end="")
             return None
+    if verb in TRACKED_HERE:
+        return _run_tracked(verb, args, cmd)
     return cmd.runner()(args)
+
+
+TRACKED_HERE = ("prepare", "extract")  # their runs are recorded here; fm-train and fm-eval record their own
+
+
+def _run_tracked(verb: str, args: argparse.Namespace, cmd: Command):
+    """Run `fm-<verb> <domain>` inside an MLflow run of the domain's experiment: the flags as params, the
+    command's summary as metrics, its manifest (or a packed cache's meta.json) as an artifact."""
+    import time
+
+    from fm.tracking import tracked_run
+
+    params = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "tracking_uri"}
+    with tracked_run(f"fm-{args.domain}", run_name=f"{verb}-{time.strftime('%Y%m%d-%H%M%S')}", config=params,
+                     tracking_uri=args.tracking_uri, tags={"fm_command": f"fm-{verb} {args.domain}"}) as run:
+        result = cmd.runner()(args)
+        _log_summary(run, result)
+    return result
+
+
+def _log_summary(run, result) -> None:
+    from pathlib import Path
+
+    if isinstance(result, (str, Path)) and (Path(result) / "meta.json").is_file():  # a packed cache
+        meta = json.loads((Path(result) / "meta.json").read_text())
+        run.log_metrics({"n_samples": meta.get("n", 0), "n_skipped": len(meta.get("skipped", []))})
+        run.log_artifact(Path(result) / "meta.json")
+        return
+    if not isinstance(result, dict):
+        return
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    metrics = {k: v for k, v in result.items() if number(v)}
+    for key, value in result.items():
+        if isinstance(value, dict):
+            metrics.update({f"{key}/{k}": v for k, v in value.items() if number(v)})
+    run.log_metrics(metrics)
+    if result.get("manifest") and Path(result["manifest"]).is_file():
+        run.log_artifact(result["manifest"])
 
 
 def _run(verb: str, argv: Sequence[str] | None) -> int:

@@ -176,8 +176,9 @@ def _how_to_get(spec: EncoderSpec) -> str:
     lines = ["How to get it (fm-suite never downloads weights):"]
     if spec.hf_repo:
         fn = next((f for f in spec.filenames if f.endswith(".safetensors")), spec.filenames[0])
-        lines.append(f"  huggingface-cli download {spec.hf_repo} {fn} --local-dir {target}"
-                     "   (log in with `huggingface-cli login` and accept the model's terms if the repo is gated)")
+        lines.append(f"  hf download {spec.hf_repo} {fn} --local-dir {target}"
+                     "   (huggingface_hub's CLI; log in with `hf auth login` and accept the model's terms if the "
+                     "repo is gated)")
     if spec.url:
         lines.append(f"  wget -P {target} {spec.url}")
     if not spec.hf_repo and not spec.url:

@@ -39,6 +39,7 @@ from fm.termination import TERMINATED
 from fm.tracking_offline import OFFLINE_SCHEME, OfflineClient
 
 ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
+NO_TRACKING = "none"  # --tracking-uri none: the run is not recorded
 ENV_TRACKING_DIR = "FM_TRACKING_DIR"  # offline: runs written as files, imported later by `fm-track import`
 DEFAULT_STORE_DIR = "fm-runs"
 DB_NAME = "mlflow.db"
@@ -63,8 +64,10 @@ def resolve_tracking_uri(flag: str | os.PathLike | None = None) -> str:
     """Pick the store: explicit flag, then `$MLFLOW_TRACKING_URI`, then `sqlite:///<cwd>/fm-runs/mlflow.db`.
 
     A bare path is accepted too: `*.db`/`*.sqlite` is taken as the database file, anything else as the
-    directory that holds `mlflow.db`.
+    directory that holds `mlflow.db`. `none` (or `off`) records nothing.
     """
+    if str(flag or os.environ.get(ENV_TRACKING_URI, "")).lower() in ("none", "off"):
+        return NO_TRACKING
     if not flag and os.environ.get(ENV_TRACKING_DIR):  # offline mode for batch pipelines
         return OFFLINE_SCHEME + str(Path(os.environ[ENV_TRACKING_DIR]).expanduser().resolve())
     value = str(flag) if flag else os.environ.get(ENV_TRACKING_URI, "")
@@ -398,7 +401,7 @@ class tracked_run:  # noqa: N801  (used like a function: `with tracked_run(...) 
                     stacklevel=2,
                 )
         uri = parent.tracking_uri if parent is not None else resolve_tracking_uri(self.tracking_uri)
-        if _global_rank() != 0 or (parent is not None and not parent.enabled):
+        if uri == NO_TRACKING or _global_rank() != 0 or (parent is not None and not parent.enabled):
             self.run = TrackedRun(None, None, None, uri)
         else:
             self.run = self._start(uri, parent)

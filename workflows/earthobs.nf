@@ -88,6 +88,7 @@ workflow EARTHOBS {
         [tuple(name, pack, root, 'train', trainFraction(name)), tuple(name, pack, root, 'test', '')]
     }
     EARTHOBS_PREPARE(ch_splits, packed_dir)
+    ch_tracking = ch_tracking.mix(EARTHOBS_PREPARE.out.tracking)
     ch_ready = EARTHOBS_PREPARE.out.packed.groupTuple(size: 2).map { name, root_list -> tuple(name, root_list[0], trainFraction(name)) }
 
     // PRETRAIN (optional): EVAL then evaluates its teacher

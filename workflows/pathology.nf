@@ -72,7 +72,6 @@ workflow PATHOLOGY {
     // TILE: one task per slide; a slide that could not be tiled emits no tiles (see tiles/manifest.csv)
     PATHOLOGY_TILE(ch_slide_ids, ch_samplesheet)
     PATHOLOGY_TILE.out.manifest.collectFile(name: 'manifest.csv', keepHeader: true, skip: 1, storeDir: "${params.outdir}/tiles")
-    ch_tracking = ch_tracking.mix(PATHOLOGY_TILE.out.tracking)
     // sorted by slide id: lists that feed a task are in the same order in every run, so -resume finds it
     ch_tiles = PATHOLOGY_TILE.out.tiles
         .map { slide_id, dir, coords -> tuple(slide_id, dir) }

@@ -261,3 +261,19 @@ def test_malformed_label_entry_skips_only_that_patch(s2_tiny, tmp_path):
     assert len(packed) == 2 and bad not in packed.ids
     (skipped,) = packed.meta["skipped"]
     assert skipped["id"] == bad and f"{bad}_labels_metadata.json" in skipped["error"] and "strings" in skipped["error"]
+
+
+def test_fm_prepare_earthobs_records_its_run(s2_tiny, tmp_path):
+    import os
+
+    from mlflow import MlflowClient
+
+    from fm.cli import invoke
+
+    invoke("prepare", ["earthobs", "bigearthnet", "--root", str(s2_tiny), "--split", "all",
+                       "--output-dir", str(tmp_path / "cache")])
+    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    (run,) = client.search_runs([client.get_experiment_by_name("fm-earthobs").experiment_id])
+    assert run.data.tags["fm_command"] == "fm-prepare earthobs" and run.data.params["dataset"] == "bigearthnet"
+    assert run.data.metrics == {"n_samples": 3.0, "n_skipped": 0.0}
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml", "meta.json"]

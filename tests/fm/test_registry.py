@@ -141,7 +141,7 @@ def test_missing_weights_message_says_where_and_how(no_caches, clean_registry):
     with pytest.raises(WeightsNotFoundError) as err:
         resolve_weights_file(spec)
     text = str(err.value)
-    assert "huggingface-cli download owkin/phikon-v2 model.safetensors --local-dir" in text
+    assert "hf download owkin/phikon-v2 model.safetensors --local-dir" in text
     assert "--weights PATH" in text and "FM_WEIGHTS_DIR" in text
     assert str(no_caches / "hf" / "hub" / "models--owkin--phikon-v2") in text
     assert "non-commercial" in text

@@ -392,3 +392,34 @@ def test_a_worker_stopped_by_sigterm_stops_the_run_and_blames_no_slide(cmu_cohor
     out = tmp_path / "out"
     assert not list(out.glob("*.lock")) and not list(out.glob(".tmp-*")) and not list(out.glob(".alive-*"))
     assert not (out / MANIFEST_NAME).exists() or "failed" not in (out / MANIFEST_NAME).read_text()
+
+
+def test_prepare_and_extract_record_their_runs(cmu_slide, tiny_hf, tmp_path):
+    """fm-prepare and fm-extract record an MLflow run in the domain's experiment (flags as params, the
+    summary as metrics, the manifest as an artifact); --tracking-uri none records nothing."""
+    import os
+
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from fm.cli import invoke
+
+    cohort = tmp_path / "cohort.csv"
+    pd.DataFrame(dict(slide_path=[str(cmu_slide)], slide_id=["cmu"], patient_id=["P0"])).to_csv(cohort, index=False)
+    tiles, out = tmp_path / "tiles", tmp_path / "features"
+    invoke("prepare", ["pathology", "--cohorts", f"csv:{cohort}", "--output-dir", str(tiles), "--tile-px", "224",
+                       "--target-mpp", "1.0"])
+    invoke("extract", ["pathology", "--cohorts", f"csv:{cohort}", "--tiles-dir", str(tiles), "--output-dir", str(out),
+                       "--encoder", str(tiny_hf), "--workers", "0", "--device", "cpu"])
+    invoke("prepare", ["pathology", "--cohorts", f"csv:{cohort}", "--output-dir", str(tiles), "--tracking-uri", "none"])
+
+    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("fm-pathology").experiment_id])
+    by_command = {r.data.tags["fm_command"]: r for r in runs}
+    assert len(runs) == 2 and sorted(by_command) == ["fm-extract pathology", "fm-prepare pathology"]
+    prepared, extracted = by_command["fm-prepare pathology"], by_command["fm-extract pathology"]
+    assert prepared.data.params["tile_px"] == "224" and prepared.data.metrics["statuses/ok"] == 1
+    assert extracted.data.metrics["statuses/ok"] == 1 and extracted.data.metrics["n_tiles"] > 0
+    assert [a.path for a in client.list_artifacts(prepared.info.run_id) if a.path.endswith(".csv")] == ["manifest.csv"]
+    assert MANIFEST_NAME in [a.path for a in client.list_artifacts(extracted.info.run_id)]
+    assert {r.info.status for r in runs} == {"FINISHED"}

@@ -235,7 +235,7 @@ def test_checks_catch_a_broken_pipeline(tmp_path):
     pipeline.write_text(text)
     tile = broken / "modules" / "pathology_tile.nf"
     tile.write_text(tile.read_text().replace("    label 'process_medium'\n", "").replace(
-        "    ${tracking_env}\n", "    ${tracking_env}\n    fm-eval pathology demo\n"))
+        "    fm-prepare pathology \\\\\n", "    fm-eval pathology demo\n    fm-prepare pathology \\\\\n"))
     slurm = broken / "conf" / "slurm.config"
     slurm.write_text(slurm.read_text().replace('"--gres=gpu:1 ', '"'))
     (broken / "modules" / "extra.nf").write_text('process EXTRA {\n    script:\n    """\n    echo\n    """\n}}}\nworkflow {\n  EXTRA(\n')

@@ -74,7 +74,6 @@ def run_pathology(runner: nf.Runner) -> dict:
         slide_ids = [check_slide_row(row, sheet) for row in csv.DictReader(f)]
 
     tiles = runner.run_each("PATHOLOGY_TILE", [dict(slide_id=s, samplesheet=sheet) for s in slide_ids])
-    tracking += [t.outputs["tracking"] for t in tiles]
     # .map { slide_id, dir, coords -> tuple(slide_id, dir) }.toSortedList { a, b -> a[0] <=> b[0] }: an
     # untileable slide emits no tuple (optional output)
     pairs = sorted((t.outputs["tiles"][0], t.outputs["tiles"][1]) for t in tiles if t.outputs["tiles"] is not None)
@@ -126,6 +125,7 @@ def run_earthobs(runner: nf.Runner) -> dict:
     splits = [dict(dataset=d, pack_as=pack_name(d, r), root=r, split=s, fraction=f, packed_dir=packed_dir)
               for d, r in roots.items() for s, f in (("train", train_fraction(p, d)), ("test", ""))]
     prepared = runner.run_each("EARTHOBS_PREPARE", splits)
+    tracking += [r.outputs["tracking"] for r in prepared]
     ready = dict(r.outputs["packed"] for r in prepared)  # groupTuple(size: 2) -> (dataset, root, fraction)
     packs = sorted(Path(packed_dir).glob("*/*/*/meta.json"))
 
@@ -168,7 +168,8 @@ def test_pathology_pipeline_stubs_feed_each_other(tmp_path):
     assert (out["eval"].workdir / "features" / "STUB-01.h5").is_symlink()
     imported = out["track"].outputs["imported"].read_text().split()
     assert imported == [f"runs{i:02d}/tracking" for i in range(1, len(out["tracking"]) + 1)]
-    assert len(imported) == 2 + 1 + 1 + 1  # two TILE, PRETRAIN, EXTRACT, EVAL
+    assert len(imported) == 1 + 1 + 1  # PRETRAIN, EXTRACT, EVAL (TILE records no run: one per slide)
+    assert all("--tracking-uri none" in t.script and "FM_TRACKING_DIR" not in t.script for t in out["tiles"])
 
 
 def test_pathology_pipeline_stubs_without_pretraining_use_the_named_encoder(tmp_path):
@@ -176,7 +177,7 @@ def test_pathology_pipeline_stubs_without_pretraining_use_the_named_encoder(tmp_
                                     tracking_direct=True, tracking_uri="http://mlflow:5000"))
     assert len(out["shards"]) == 2 and out["track"] is None
     script = out["extracts"][0].script
-    scripts = [s.script for s in [*out["tiles"], out["eval"]]]
+    scripts = [s.script for s in [*out["extracts"], out["eval"]]]
     assert all("--tracking-uri http://mlflow:5000" in s and "FM_TRACKING_DIR" not in s for s in scripts)
     assert "--encoder pathology/phikon-v2" in script
 
@@ -190,7 +191,7 @@ def test_earthobs_pipeline_stubs_feed_each_other(tmp_path):
     assert f"--root {out['roots']['bigearthnet']}" in evaluation.script
     assert f"--packed {out['packed_dir']}" in evaluation.script
     assert "--encoder teacher.safetensors" in evaluation.script
-    assert len(out["track"].outputs["imported"].read_text().split()) == 2  # PRETRAIN, EVAL
+    assert len(out["track"].outputs["imported"].read_text().split()) == 2 + 1 + 1  # two PREPARE, PRETRAIN, EVAL
 
 
 # ---- the rendered commands against the real CLI parser ---------------------------------------------

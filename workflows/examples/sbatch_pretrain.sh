@@ -4,7 +4,8 @@
 # SLURM starts one task per GPU (`srun` below); Lightning reads each process's rank and the world
 # size from the SLURM variables, so --devices and --nodes must equal --ntasks-per-node and --nodes
 # here. `--signal=SIGUSR1@120` lets Lightning save a checkpoint and requeue the job before the time
-# limit; fm-train resumes from <output-dir>/checkpoints/last.ckpt.
+# limit (<output-dir>/hpc_ckpt_<n>.ckpt); the requeued fm-train resumes from the newest of that and
+# <output-dir>/checkpoints/last.ckpt.
 #
 #   sbatch workflows/examples/sbatch_pretrain.sh
 #

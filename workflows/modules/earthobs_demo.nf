@@ -10,7 +10,7 @@ process EARTHOBS_DEMO {
 
     script:
     """
-    fm-prepare earthobs demo --root demo_cache --split test --output-dir demo_packed
+    fm-prepare earthobs demo --root demo_cache --split test --output-dir demo_packed --tracking-uri none
     """
 
     stub:

@@ -14,11 +14,15 @@ process EARTHOBS_PREPARE {
 
     output:
     tuple val(dataset), val(root), emit: packed
+    path "tracking", optional: true, emit: tracking
 
     script:
     def fraction_arg = fraction ? "--fraction ${fraction}" : ''
+    def tracking_env = params.tracking_direct ? '' : 'export FM_TRACKING_DIR="$PWD/tracking"'
+    def tracking_arg = params.tracking_direct ? "--tracking-uri ${params.tracking_uri}" : ''
     def args = task.ext.args ?: ''
     """
+    ${tracking_env}
     fm-prepare earthobs ${pack_as} \\
         --root ${root} \\
         --split ${split} \\
@@ -26,11 +30,12 @@ process EARTHOBS_PREPARE {
         --seed ${params.seed} \\
         --num-workers ${task.cpus} \\
         --output-dir ${packed_dir} \\
-        ${fraction_arg} ${args}
+        ${fraction_arg} ${args} ${tracking_arg}
     """
 
     stub:
     """
+    mkdir -p tracking
     mkdir -p ${packed_dir}/${pack_as}/${params.modality}/${split}
     """
 }

@@ -12,7 +12,7 @@ process PATHOLOGY_SAMPLESHEET {
 
     script:
     """
-    fm-prepare pathology --cohorts demo --write-samplesheet samplesheet.csv --samplesheet-only
+    fm-prepare pathology --cohorts demo --write-samplesheet samplesheet.csv --samplesheet-only --tracking-uri none
     """
 
     stub:

@@ -1,7 +1,8 @@
 /*
  * Tissue detection and tile coordinates for ONE slide: many small CPU tasks that each resume on
  * their own. A slide that cannot be tiled is recorded in tiles/manifest.csv and emits no `tiles`, so
- * it is left out downstream; the task itself succeeds (see errorStrategy in conf/base.config).
+ * it is left out downstream; the task itself succeeds (see errorStrategy in conf/base.config). Tiling
+ * records no MLflow run here (one per slide would flood the store): tiles/manifest.csv is its record.
  */
 process PATHOLOGY_TILE {
     tag "${slide_id}"
@@ -16,15 +17,11 @@ process PATHOLOGY_TILE {
     tuple val(slide_id), path("tiles/${slide_id}"), path("tiles/${slide_id}/coords.h5"), optional: true, emit: tiles
     path "tiles/${slide_id}/thumbnail.png", optional: true, emit: thumbnail
     path "tiles/manifest.csv", emit: manifest
-    path "tracking", optional: true, emit: tracking
 
     script:
     def mpp_arg = params.mpp ? "--mpp ${params.mpp}" : ''
-    def tracking_env = params.tracking_direct ? '' : 'export FM_TRACKING_DIR="$PWD/tracking"'
-    def tracking_arg = params.tracking_direct ? "--tracking-uri ${params.tracking_uri}" : ''
     def args = task.ext.args ?: ''
     """
-    ${tracking_env}
     fm-prepare pathology \\
         --cohorts csv:${samplesheet} \\
         --slides ${slide_id} \\
@@ -32,12 +29,12 @@ process PATHOLOGY_TILE {
         --tile-px ${params.tile_px} \\
         --min-tissue ${params.min_tissue} \\
         --output-dir tiles \\
-        ${mpp_arg} ${args} ${tracking_arg}
+        --tracking-uri none \\
+        ${mpp_arg} ${args}
     """
 
     stub:
     """
-    mkdir -p tracking
     mkdir -p tiles/${slide_id}
     touch tiles/${slide_id}/coords.h5 tiles/${slide_id}/thumbnail.png
     printf 'slide_id,status\\n${slide_id},ok\\n' > tiles/manifest.csv
