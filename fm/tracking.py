@@ -288,19 +288,17 @@ class TrackedRun:
         return self.run_id is not None
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
         if not self.enabled:
             return
+        from mlflow.entities import Param
         items = [Param(k, v) for k, v in flatten_config(params).items()]
         for i in range(0, len(items), PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, params=items[i : i + PARAMS_PER_BATCH])
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        from mlflow.entities import Metric
-
         if not self.enabled:
             return
+        from mlflow.entities import Metric
         now = int(time.time() * 1000)
         items = []
         for key, value in metrics.items():

@@ -41,7 +41,8 @@ for verb in ("train", "extract", "eval", "prepare"):
 
 
 def test_tiling_one_slide_imports_no_deep_learning_stack(shared_fixtures, tmp_path):
-    """`fm-prepare pathology --slides ID` as a Nextflow task runs it: tiling needs OpenSlide, not torch."""
+    """`fm-prepare pathology --slides ID --tracking-uri none` as a Nextflow TILE task runs it (see
+    workflows/modules/pathology_tile.nf): tiling needs OpenSlide, not torch, nor MLflow."""
     slide = shared_fixtures / "pathology" / "cmu-1-small-region.svs"
     cohort = tmp_path / "cohort.csv"
     with cohort.open("w", newline="") as f:
@@ -49,7 +50,8 @@ def test_tiling_one_slide_imports_no_deep_learning_stack(shared_fixtures, tmp_pa
     out = tmp_path / "tiles"
     code = f"""
 from fm.cli import prepare_main
-assert prepare_main(["pathology", "--cohorts", "csv:{cohort}", "--slides", "cmu1", "--output-dir", "{out}"]) == 0
+assert prepare_main(["pathology", "--cohorts", "csv:{cohort}", "--slides", "cmu1", "--output-dir", "{out}",
+                     "--tracking-uri", "none"]) == 0
 """
     assert _heavy_modules_after(code) == "[]"
     assert (Path(out) / "cmu1" / "coords.h5").is_file()
