@@ -220,9 +220,32 @@ def multilabel_report(y: np.ndarray, scores: np.ndarray, class_names: Sequence[s
                       threshold: float = 0.5) -> tuple[dict, pd.DataFrame]:
     metrics = {"map_micro": M.average_precision_micro(y, scores), "map_macro": M.average_precision_macro(y, scores),
                "f1_micro": M.f1_micro(y, scores, threshold), "f1_macro": M.f1_macro(y, scores, threshold)}
+    scored = int((y.sum(axis=0) > 0).sum())
+    metrics["map_macro_classes"] = scored  # macro AP averages the classes with a positive in the test set
+    if scored < len(class_names):
+        log.warning("macro mAP averages %d of %d classes: the others have no positive in the test set (published "
+                    "BigEarthNet numbers average all 19)", scored, len(class_names))
     per_class = pd.DataFrame({"class": list(class_names), "test_positives": y.sum(axis=0).astype(int),
                               "ap": M.per_class_ap(y, scores)})
     return metrics, per_class
+
+
+def _accuracy_of_scores(y: np.ndarray, scores: np.ndarray) -> float:
+    return M.accuracy(y, scores.argmax(axis=1))
+
+
+def bootstrap_intervals(y: np.ndarray, scores: np.ndarray, multilabel: bool, n_boot: int, seed: int = 0) -> dict:
+    """Percentile 95 % intervals of the headline metrics (`<metric>_low`, `<metric>_high`): micro and macro mAP
+    (samples resampled plainly) or accuracy (stratified by class)."""
+    if multilabel:
+        fns, stratified = {"map_micro": M.average_precision_micro, "map_macro": M.average_precision_macro}, False
+    else:
+        fns, stratified, y = {"accuracy": _accuracy_of_scores}, True, y.astype(int).ravel()
+    out = {}
+    for name, fn in fns.items():
+        _, low, high = M.bootstrap_ci(fn, y, scores, n_boot=n_boot, seed=seed, stratified=stratified)
+        out.update({f"{name}_low": low, f"{name}_high": high})
+    return out
 
 
 def multiclass_report(y: np.ndarray, scores: np.ndarray, class_names: Sequence[str]) -> tuple[dict, pd.DataFrame]:
@@ -263,6 +286,8 @@ def evaluate_features(train: Features, test: Features, protocol: str, multilabel
         metrics, per_class = multilabel_report(test.labels, scores, class_names, cfg["threshold"])
     else:
         metrics, per_class = multiclass_report(test.labels, scores, class_names)
+    if cfg.get("bootstrap"):
+        metrics.update(bootstrap_intervals(test.labels, scores, multilabel, int(cfg["bootstrap"]), cfg.get("seed", 0)))
     return metrics, per_class, scores
 
 
@@ -346,7 +371,8 @@ def evaluate_task(task: str, cfg: dict, encoder: EOEncoder | None = None) -> dic
     metrics, per_class, scores = evaluate_features(train, test, cfg["protocol"], multilabel, run_cfg, classes, val,
                                                    cfg["device"])
     row = {"task": task, "encoder": encoder.name, "protocol": cfg["protocol"], "train_fraction": cfg["train_fraction"],
-           "n_train": len(train.ids), "n_test": len(test.ids), **metrics}
+           "n_train": len(train.ids), "n_test": len(test.ids), "n_skipped": len(train.skipped) + len(test.skipped),
+           **metrics}
     results = results_table([row])
     markdown = to_markdown(results)
     out_dir = Path(cfg["output_dir"])  # result files beside MLflow: what pipelines pass downstream

@@ -43,7 +43,8 @@ def _neighbours(
             top_sim, top_idx = sim.topk(min(k, sim.shape[1]), dim=1)
             top_idx = top_idx + offset
             if best_sim is not None:
-                top_sim, order = torch.cat([best_sim, top_sim], 1).topk(k, dim=1)
+                merged = torch.cat([best_sim, top_sim], 1)
+                top_sim, order = merged.topk(min(k, merged.shape[1]), dim=1)
                 top_idx = torch.cat([best_idx, top_idx], 1).gather(1, order)
             best_sim, best_idx = top_sim, top_idx
         weights = torch.softmax(best_sim / temperature, dim=1)  # exp(sim/T), normalised per test sample

@@ -48,7 +48,10 @@ def binary_auc(y_true: Any, y_score: Any) -> float:
 
 def multiclass_auc_ovr(y_true: Any, scores: Any) -> float:
     """Macro one-vs-rest AUC over the classes present in `y_true` (scores need not sum to one)."""
-    y = as_numpy(y_true, "y_true").astype(np.int64).ravel()
+    raw = as_numpy(y_true, "y_true").ravel()
+    y = raw.astype(np.int64)
+    if not np.array_equal(raw, y):
+        raise ValueError("y_true must hold class indices (integers), got non-integer values")
     s = as_numpy(scores, "scores")
     _check_same_length(y, s, "scores")
     if s.ndim != 2:
@@ -162,12 +165,16 @@ def bootstrap_ci(
     alpha: float = 0.05,
     seed: int = 0,
     stratified: bool = True,
+    groups: Any = None,
 ) -> tuple[float, float, float]:
     """Point estimate and percentile bootstrap interval `(point, low, high)` at level 1 - alpha.
 
     Samples are resampled with replacement. `stratified` keeps each class's count fixed (1-D labels
-    only; multi-label targets are resampled plainly). Resamples where the metric is undefined (one
-    class only, or the metric raises ValueError / returns NaN) are skipped.
+    only; multi-label targets are resampled plainly). With `groups` (e.g. the patient of each slide)
+    whole groups are resampled, stratified by each group's first label: the slides of one patient are
+    not independent evidence, and resampling them one by one gives too narrow an interval. Resamples
+    where the metric is undefined (one class only, or the metric raises ValueError / returns NaN) are
+    skipped.
     """
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
@@ -176,12 +183,26 @@ def bootstrap_ci(
     _check_same_length(y, s, "y_score")
     point = float(metric_fn(y, s))
     rng = np.random.default_rng(seed)
-    groups = (
-        [np.flatnonzero(y == c) for c in np.unique(y)] if stratified and y.ndim == 1 else [np.arange(len(y))]
+    if groups is None:  # each sample is its own group
+        members = None
+        units = np.arange(len(y))
+    else:
+        g = np.asarray(groups)
+        if len(g) != len(y):
+            raise ValueError(f"groups has {len(g)} entries for {len(y)} samples")
+        _, first, inverse = np.unique(g, return_index=True, return_inverse=True)
+        order = np.argsort(first)  # groups in order of first appearance
+        members = [np.flatnonzero(inverse == k) for k in order]
+        units = np.sort(first)  # a group's first sample stands for it when stratifying
+    unit_labels = y[units]
+    strata = (
+        [np.flatnonzero(unit_labels == c) for c in np.unique(unit_labels)]
+        if stratified and y.ndim == 1 else [np.arange(len(units))]
     )
     values = []
     for _ in range(n_boot):
-        idx = np.concatenate([rng.choice(g, size=g.size, replace=True) for g in groups])
+        drawn = np.concatenate([rng.choice(st, size=st.size, replace=True) for st in strata])
+        idx = drawn if members is None else np.concatenate([members[k] for k in drawn])
         if y.ndim == 1 and np.unique(y[idx]).size < 2:
             continue
         try:

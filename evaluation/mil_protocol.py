@@ -95,7 +95,9 @@ def run_mil_protocol(
     )
     runs = _runs_table(splits, member_probs, y_cv, y_test, n_cv, history, timings)
     notes: list[str] = []
-    summary = _summary(splits, member_probs, ensemble, y_cv, y_test, n_cv, runs, cfg, classes, notes)
+    patients = (labels["patient_id"].astype(str).to_numpy(),
+                test.get("patient_id", test["slide_id"]).astype(str).to_numpy())
+    summary = _summary(splits, member_probs, ensemble, y_cv, y_test, n_cv, runs, cfg, classes, notes, patients)
     predictions = _predictions_table(labels, test, splits, classes, member_probs, ensemble)
     results = MILResults(
         cfg, classes, runs, history.drop(columns="member"), predictions, member_probs, ensemble, summary,
@@ -221,8 +223,10 @@ def _runs_table(splits, member_probs, y_cv, y_test, n_cv, history, timings) -> p
     return pd.DataFrame(rows)
 
 
-def _summary(splits, member_probs, ensemble, y_cv, y_test, n_cv, runs, cfg, classes, notes) -> dict[str, float]:
-    """Ensemble vs single-model metrics with bootstrap CIs, on the test cohort and out-of-fold.
+def _summary(splits, member_probs, ensemble, y_cv, y_test, n_cv, runs, cfg, classes, notes,
+             patients) -> dict[str, float]:
+    """Ensemble vs single-model metrics with bootstrap CIs (resampling patients), on the test cohort and
+    out-of-fold.
 
     Single model: on the test cohort the mean of the members' metrics; out of fold, one seed's k-fold
     predictions pooled (a slide has one out-of-fold member per seed), metric averaged over the seeds.
@@ -240,10 +244,10 @@ def _summary(splits, member_probs, ensemble, y_cv, y_test, n_cv, runs, cfg, clas
         ],
         axis=1,
     )  # (n_cv, seeds, C)
-    views = {"oof": (y_cv, ensemble[:n_cv], per_seed_oof)}
+    views = {"oof": (y_cv, ensemble[:n_cv], per_seed_oof, patients[0])}
     if y_test is not None:
-        views["test"] = (y_test, ensemble[n_cv:], member_probs[:, n_cv:].transpose(1, 0, 2))
-    for split, (y, ens, members) in views.items():
+        views["test"] = (y_test, ensemble[n_cv:], member_probs[:, n_cv:].transpose(1, 0, 2), patients[1])
+    for split, (y, ens, members, groups) in views.items():
         present = np.unique(y)
         if len(present) < 2:
             notes.append(
@@ -257,8 +261,8 @@ def _summary(splits, member_probs, ensemble, y_cv, y_test, n_cv, runs, cfg, clas
                 values = [_scores_one(fn, yy, ss[:, k]) for k in range(ss.shape[1])]
                 return float(np.mean([v for v in values if np.isfinite(v)])) if np.isfinite(values).any() else np.nan
 
-            point, low, high = _ci(fn, y, ens, cfg)
-            s_point, s_low, s_high = _ci(mean_member, y, members, cfg)
+            point, low, high = _ci(fn, y, ens, cfg, groups)
+            s_point, s_low, s_high = _ci(mean_member, y, members, cfg, groups)
             if len(present) >= 2 and np.isfinite(point) and not np.isfinite(low):
                 notes.append(f"{split}: no bootstrap CI for {metric} (undefined on every resample)")
             summary.update(
@@ -282,13 +286,14 @@ def _scores_one(fn, y, probs) -> float:
         return float("nan")
 
 
-def _ci(fn, y, scores, cfg) -> tuple[float, float, float]:
-    """(point, low, high); the point is kept where it is defined even if the interval is not."""
+def _ci(fn, y, scores, cfg, groups) -> tuple[float, float, float]:
+    """(point, low, high), resampling whole patients; the point is kept where it is defined even if the
+    interval is not."""
     point = _scores_one(fn, y, scores)
     if not np.isfinite(point) or len(np.unique(y)) < 2:  # one class: every resample has one class too
         return point, float("nan"), float("nan")
     try:
-        _, low, high = bootstrap_ci(fn, y, scores, n_boot=cfg.n_boot, seed=0, stratified=True)
+        _, low, high = bootstrap_ci(fn, y, scores, n_boot=cfg.n_boot, seed=0, stratified=True, groups=groups)
     except ValueError:
         return point, float("nan"), float("nan")
     return point, low, high

@@ -76,6 +76,36 @@ def test_protocols_tell_informative_from_random_features(tmp_path, protocol, mul
     assert scores[False] < 0.6, scores
 
 
+@pytest.mark.parametrize("multilabel", [True, False])
+def test_headline_metrics_come_with_bootstrap_intervals(tmp_path, multilabel):
+    cfg = dict(eval_cfg(tmp_path), num_classes=5, bootstrap=100)
+    cfg["linear"].update(lr=1e-2, loss="bce" if multilabel else "cross_entropy")
+    names = [f"c{k}" for k in range(5)]
+    train = synthetic_features(200, False, multilabel, seed=1)  # uninformative: metrics well inside (0, 1)
+    test = synthetic_features(60, False, multilabel, seed=2)
+    metrics, _, _ = evaluate_features(train, test, "knn", multilabel, cfg, names)
+    for key in (["map_micro", "map_macro"] if multilabel else ["accuracy"]):
+        assert metrics[f"{key}_low"] <= metrics[key] <= metrics[f"{key}_high"] and metrics[f"{key}_low"] < metrics[f"{key}_high"]
+    if multilabel:
+        assert metrics["map_macro_classes"] == 5
+    bigger = synthetic_features(600, False, multilabel, seed=2)  # more test samples: a narrower interval
+    wide, _, _ = evaluate_features(train, test, "knn", multilabel, cfg, names)
+    narrow, _, _ = evaluate_features(train, bigger, "knn", multilabel, cfg, names)
+    key = "map_micro" if multilabel else "accuracy"
+    assert narrow[f"{key}_high"] - narrow[f"{key}_low"] < wide[f"{key}_high"] - wide[f"{key}_low"]
+    assert "map_micro_low" not in evaluate_features(train, test, "knn", multilabel, dict(cfg, bootstrap=0), names)[0]
+
+
+def test_macro_map_says_how_many_classes_it_averages(caplog):
+    from earthobs.evaluate import multilabel_report
+
+    y = np.zeros((6, 3), np.float32)
+    y[:3, 0], y[3:, 1] = 1, 1  # class c2 has no positive in the test set
+    with caplog.at_level("WARNING", logger="earthobs.evaluate"):
+        metrics, _ = multilabel_report(y, np.random.default_rng(0).random((6, 3)), ["c0", "c1", "c2"])
+    assert metrics["map_macro_classes"] == 2 and "averages 2 of 3 classes" in caplog.text
+
+
 def test_encoder_input_scales_reorders_and_inserts_b10():
     raw = np.stack([np.full((12, 12), 1000.0 * (k + 1), np.float32) for k in range(12)])  # BigEarthNet order
     transform = EncoderInput(tiny_encoder(), BIGEARTHNET_S2_BANDS, "bigearthnet_s2", image_size=24)
@@ -174,7 +204,8 @@ def test_eurosat_task_reports_accuracy(tmp_path):
                image_size=16)
     out = evaluate_task("eurosat", cfg, encoder=tiny_encoder(S2_L1C_BANDS))
     assert out["n_train"] == 10 and out["n_test"] == 10
-    assert set(out["metrics"]) == {"accuracy", "balanced_accuracy"} and 0 <= out["metrics"]["accuracy"] <= 1
+    assert set(out["metrics"]) == {"accuracy", "balanced_accuracy", "accuracy_low", "accuracy_high"}
+    assert 0 <= out["metrics"]["accuracy_low"] <= out["metrics"]["accuracy"] <= out["metrics"]["accuracy_high"] <= 1
     assert list(out["per_class"]["test_samples"]) == [1] * 10
     with pytest.raises(ValueError, match="Sentinel-2 only"):
         evaluate_task("eurosat", dict(cfg, modality="s1"), encoder=tiny_encoder(S2_L1C_BANDS))

@@ -92,3 +92,11 @@ def test_k_larger_than_train_set_and_bad_inputs():
         knn_classify(train, labels, train, num_classes=1)
     with pytest.raises(ValueError, match="NaN"):
         knn_classify(np.full((2, 16), np.nan), [0, 1], train)
+
+
+def test_train_chunks_smaller_than_k_give_the_unchunked_neighbours():
+    train, labels = gaussian_clusters(15, num_classes=3, seed=1)
+    test, _ = gaussian_clusters(4, num_classes=3, seed=2)
+    _, chunked = knn_classify(train, labels, test, k=20, temperature=0.1, train_chunk=8)  # used to raise
+    _, whole = knn_classify(train, labels, test, k=20, temperature=0.1)
+    torch.testing.assert_close(chunked, whole)

@@ -132,3 +132,25 @@ def test_bootstrap_skips_single_class_resamples_and_handles_multilabel():
     s_ml = rng.random((80, 5)) + y_ml
     point, low, high = metrics.bootstrap_ci(metrics.average_precision_micro, y_ml, s_ml, n_boot=200)
     assert low <= point <= high and high - low > 0
+
+
+def test_a_grouped_bootstrap_resamples_patients_not_their_slides():
+    """Three identical slides per patient carry one patient's evidence: resampling patients gives exactly
+    the interval of one slide per patient (same seed), while resampling slides one by one is narrower."""
+    rng = np.random.default_rng(0)
+    y1 = np.array([0] * 30 + [1] * 30)
+    s1 = rng.random(60) + 0.3 * y1
+    patients = np.arange(60)
+    y3, s3, p3 = np.tile(y1, 3), np.tile(s1, 3), np.tile(patients, 3)
+    single = metrics.bootstrap_ci(metrics.binary_auc, y1, s1, n_boot=300, seed=3)
+    grouped = metrics.bootstrap_ci(metrics.binary_auc, y3, s3, n_boot=300, seed=3, groups=p3)
+    assert grouped == pytest.approx(single, abs=1e-12)
+    naive = metrics.bootstrap_ci(metrics.binary_auc, y3, s3, n_boot=300, seed=3)
+    assert naive[2] - naive[1] < 0.75 * (grouped[2] - grouped[1])
+    with pytest.raises(ValueError, match="groups has 3 entries for 180 samples"):
+        metrics.bootstrap_ci(metrics.binary_auc, y3, s3, groups=[1, 2, 3])
+
+
+def test_one_vs_rest_auc_refuses_non_integer_labels():
+    with pytest.raises(ValueError, match="class indices"):
+        metrics.multiclass_auc_ovr(np.array([0.0, 1.0, 2.7]), np.eye(3))
