@@ -93,6 +93,27 @@ def test_v1_s1_real_patches_map_to_their_s2_twins(ben):
         assert names(sample["label"]) == EXPECTED_S1[sample["id"]]
 
 
+def test_v1_s1_channels_are_the_vv_and_vh_files_in_that_order(ben):
+    """DESIGN: Sentinel-1 is [VV, VH] (torchgeo's BigEarthNet returns [VH, VV]); channel k must be the raw
+    values of that band's own GeoTIFF, for S1 alone and after the 12 S2 bands of s1s2."""
+    import rasterio
+
+    ds = BigEarthNetV1(ben / "s1-tiny", sensor="s1")
+    both = BigEarthNetV1(ben, s2_root=ben / "s2-tiny", s1_root=ben / "s1-tiny", sensor="s1s2")
+    for k in range(len(ds)):
+        s1 = ds.records[k][1]
+        raw = {}
+        for band in ("VV", "VH"):
+            with rasterio.open(ben / "s1-tiny" / s1 / f"{s1}_{band}.tif") as f:
+                raw[band] = f.read(1)
+        assert not np.array_equal(raw["VV"], raw["VH"])
+        np.testing.assert_array_equal(ds[k]["image"][0].numpy(), raw["VV"])
+        np.testing.assert_array_equal(ds[k]["image"][1].numpy(), raw["VH"])
+    for k, (s2, s1) in enumerate(both.records):
+        with rasterio.open(ben / "s1-tiny" / s1 / f"{s1}_VV.tif") as f:
+            np.testing.assert_array_equal(both[k]["image"][12].numpy(), f.read(1))
+
+
 def test_v1_s1s2_from_a_split_file(ben, tmp_path):
     (tmp_path / "train.csv").write_text("S2A_MSIL2A_20170617T113321_4_55\nS2A_MSIL2A_20171221T112501_56_35\n")
     (tmp_path / "bigearthnet-test.csv").write_text(

@@ -154,3 +154,18 @@ def test_a_grouped_bootstrap_resamples_patients_not_their_slides():
 def test_one_vs_rest_auc_refuses_non_integer_labels():
     with pytest.raises(ValueError, match="class indices"):
         metrics.multiclass_auc_ovr(np.array([0.0, 1.0, 2.7]), np.eye(3))
+
+
+def test_bootstrap_is_the_percentile_interval_of_class_stratified_resamples():
+    """Against a hand-written loop with the same generator: each class resampled to its own count, the
+    2.5th and 97.5th percentiles of the resampled metric (pins the level and the stratification)."""
+    rng = np.random.default_rng(7)
+    y = np.array([0] * 25 + [1] * 15)
+    s = rng.random(40) + 0.4 * y
+    point, low, high = metrics.bootstrap_ci(metrics.binary_auc, y, s, n_boot=400, seed=11)
+    draw, values = np.random.default_rng(11), []
+    for _ in range(400):
+        idx = np.concatenate([draw.choice(np.flatnonzero(y == c), size=(y == c).sum(), replace=True) for c in (0, 1)])
+        values.append(metrics.binary_auc(y[idx], s[idx]))
+    assert point == metrics.binary_auc(y, s)
+    assert (low, high) == pytest.approx(tuple(np.percentile(values, [2.5, 97.5])), abs=1e-12)

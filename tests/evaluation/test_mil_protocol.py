@@ -372,3 +372,20 @@ def test_attention_heatmap_colours_the_attended_tiles():
     assert overlay[3, 3] < 1.0 and overlay.mask[27, 27] == np.False_
     with pytest.raises(ValueError, match="one attention value each"):
         attention_heatmap(coords, attention[:3], thumbnail, 16)
+
+
+def test_the_protocol_keeps_a_patients_slides_in_one_fold_and_resamples_patients():
+    """Three slides per patient: in every seed's folds a patient's slides share one fold (no patient in
+    training and validation at once), and the bootstrap interval resamples patients: wider than with
+    the patient ids dropped (each slide its own patient)."""
+    cohort = make_bags(n_bags=60, slides_per_patient=3, seed=4)
+    bank = FeatureBank.from_arrays(cohort.features, coords=cohort.coords, encoder="toy")
+    options = dict(model="mean", folds=3, seeds=2, epochs=2, n_boot=200, device="cpu", attention_slides=0)
+    result = run_mil_protocol(bank, cohort.labels, **options)
+    folds = result.predictions.merge(cohort.labels[["slide_id", "patient_id"]], on="slide_id", suffixes=("", "_"))
+    for column in [c for c in folds.columns if c.startswith("fold_seed")]:
+        assert (folds.groupby("patient_id")[column].nunique() == 1).all(), column
+    as_slides = run_mil_protocol(bank, cohort.labels.assign(patient_id=cohort.labels["slide_id"]), **options)
+    width = {name: r.summary["oof/ensemble_auc_high"] - r.summary["oof/ensemble_auc_low"]
+             for name, r in (("patients", result), ("slides", as_slides))}
+    assert width["patients"] > width["slides"], width

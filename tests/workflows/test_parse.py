@@ -140,6 +140,70 @@ def error_strategy(expr: str, exit_status: int, attempt: int) -> str:
     return eval(python, {"__builtins__": {"list": list, "range": range}}, {"exit_status": exit_status, "attempt": attempt})
 
 
+def channel_sources(text: str) -> dict[str, str]:
+    """`name -> the text of every expression assigned to it` in a workflow file (`x = ...` and `def x = ...`,
+    with the `.operator` lines that continue it; branches are joined, as either may run)."""
+    assigned: dict[str, str] = {}
+    current = None
+    for line in nf.strip_comments(text).splitlines():
+        m = re.match(r"\s*(?:def\s+)?([a-z_]\w*)\s*=(?!=)\s*(.*)$", line)
+        if m:
+            current = m.group(1)
+            assigned[current] = assigned.get(current, "") + " " + m.group(2)
+        elif current and line.strip().startswith("."):
+            assigned[current] += " " + line.strip()
+        else:
+            current = None
+    return assigned
+
+
+def argument_sources(root: Path, pipeline: str) -> dict[str, list[set[str]]]:
+    """For each process call of a pipeline, the `PROCESS.out.emit` outputs each argument can carry,
+    following channel assignments (a channel that is never fed by the process it should come from,
+    e.g. EXTRACT given an empty checkpoint channel instead of PRETRAIN's teacher, shows here)."""
+    text = (root / pipeline).read_text()
+    module = reftrace.Module.from_file(str(root / pipeline))
+    included = [item.name for inc in module.includes for item in inc.items]
+    assigned = channel_sources(text)
+
+    def sources(expr: str, seen: frozenset = frozenset()) -> set[str]:
+        found = {f"{p}.out.{e}" for p, e in re.findall(r"\b([A-Z_]+)\.out\.(\w+)", expr)}
+        for name in set(re.findall(r"\b([a-z_]\w*)\b", expr)) & set(assigned) - seen:
+            found |= sources(assigned[name], seen | {name})
+        return found
+
+    calls: dict[str, list[set[str]]] = {}
+    for name, args in nf.process_calls(text, included):
+        calls[name] = [sources(a) for a in args]
+    return calls
+
+
+WIRING = {  # (pipeline, process, argument index) -> outputs that must reach that argument
+    ("pathology.nf", "PATHOLOGY_TILE", 1): {"PATHOLOGY_SAMPLESHEET.out.samplesheet"},
+    ("pathology.nf", "PATHOLOGY_PRETRAIN", 1): {"PATHOLOGY_TILE.out.tiles"},
+    ("pathology.nf", "PATHOLOGY_EXTRACT", 0): {"PATHOLOGY_TILE.out.tiles"},
+    ("pathology.nf", "PATHOLOGY_EXTRACT", 3): {"PATHOLOGY_PRETRAIN.out.teacher"},
+    ("pathology.nf", "PATHOLOGY_EVAL", 0): {"PATHOLOGY_EXTRACT.out.features"},
+    ("pathology.nf", "TRACK", 0): {"PATHOLOGY_PRETRAIN.out.tracking", "PATHOLOGY_EXTRACT.out.tracking",
+                                   "PATHOLOGY_EVAL.out.tracking"},
+    ("earthobs.nf", "EARTHOBS_PREPARE", 0): {"EARTHOBS_DEMO.out.root"},
+    ("earthobs.nf", "EARTHOBS_EVAL", 0): {"EARTHOBS_PREPARE.out.packed"},
+    ("earthobs.nf", "EARTHOBS_EVAL", 3): {"EARTHOBS_PRETRAIN.out.teacher"},
+    ("earthobs.nf", "TRACK", 0): {"EARTHOBS_PREPARE.out.tracking", "EARTHOBS_PRETRAIN.out.tracking",
+                                  "EARTHOBS_EVAL.out.tracking"},
+}
+
+
+def dataflow_problems(root: Path) -> list[str]:
+    problems = []
+    calls = {pipeline: argument_sources(root, pipeline) for pipeline in PIPELINES}
+    for (pipeline, process, index), needed in WIRING.items():
+        got = calls[pipeline][process][index]
+        if not needed <= got:
+            problems.append(f"{pipeline}: argument {index} of {process} never receives {sorted(needed - got)}")
+    return problems
+
+
 def test_every_nextflow_file_parses_and_includes_resolve():
     assert len(list(WORKFLOWS.rglob("*.nf"))) >= 2 + 5
     assert parse_problems(WORKFLOWS) == []
@@ -163,6 +227,12 @@ def test_workflow_calls_match_process_declarations():
 
 def test_gpu_processes_request_gpus_on_slurm():
     assert gpu_problems(WORKFLOWS) == []
+
+
+def test_each_process_is_fed_by_the_step_before_it():
+    """The Python mirror of the wiring (test_pipeline_commands) cannot see the .nf channel logic: this
+    traces, in the .nf files themselves, which outputs reach the arguments that matter."""
+    assert dataflow_problems(WORKFLOWS) == []
 
 
 def test_lists_that_feed_a_task_are_sorted_so_resume_finds_it():
@@ -244,6 +314,15 @@ def test_checks_catch_a_broken_pipeline(tmp_path):
     assert any("PATHOLOGY_TILE.out.tile " in p for p in wiring)
     assert any("PATHOLOGY_EVAL called with 2 arguments" in p for p in wiring)
     assert [p.split(" (line")[0] for p in resume_problems(broken)] == ["pathology.nf: `.collect()` without `sort: true`"]
+
+    rewired = tmp_path / "rewired"  # calls and emits intact, but EXTRACT no longer gets PRETRAIN's teacher
+    shutil.copytree(WORKFLOWS, rewired)
+    text = (rewired / "pathology.nf").read_text()
+    (rewired / "pathology.nf").write_text(text.replace("ch_checkpoint = PATHOLOGY_PRETRAIN.out.teacher",
+                                                       "ch_checkpoint = Channel.value([])"))
+    assert wiring_problems(rewired) == []
+    assert dataflow_problems(rewired) == [
+        "pathology.nf: argument 3 of PATHOLOGY_EXTRACT never receives ['PATHOLOGY_PRETRAIN.out.teacher']"]
     modules = module_problems(broken)
     assert any("pathology_tile.nf: labels []" in p for p in modules)
     assert any("pathology_tile.nf: script runs 2 fm-* commands" in p for p in modules)
