@@ -109,7 +109,7 @@ def test_v1_s1_channels_are_the_vv_and_vh_files_in_that_order(ben):
         assert not np.array_equal(raw["VV"], raw["VH"])
         np.testing.assert_array_equal(ds[k]["image"][0].numpy(), raw["VV"])
         np.testing.assert_array_equal(ds[k]["image"][1].numpy(), raw["VH"])
-    for k, (s2, s1) in enumerate(both.records):
+    for k, (_, s1) in enumerate(both.records):
         with rasterio.open(ben / "s1-tiny" / s1 / f"{s1}_VV.tif") as f:
             np.testing.assert_array_equal(both[k]["image"][12].numpy(), f.read(1))
 

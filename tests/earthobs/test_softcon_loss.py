@@ -142,3 +142,35 @@ def test_similarities_stay_fp32_under_bf16_autocast():
         out = loss_fn(student, teacher)
     for key in ("instance", "soft"):
         torch.testing.assert_close(out[key], reference[key], atol=1e-5, rtol=1e-5)
+
+
+def handwritten_soft_cross_entropy(sim, targets, temperature):
+    """-1/B sum_i sum_j P_ij log softmax_j(S_ij / t), with P_ij = T_ij / sum_k T_ik (rows of T sum to 1)."""
+    total = 0.0
+    for i in range(sim.shape[0]):
+        row_sum = sum(targets[i, k].item() for k in range(targets.shape[1]))
+        logits = [sim[i, j].item() / temperature for j in range(sim.shape[1])]
+        log_norm = math.log(sum(math.exp(v) for v in logits))
+        for j in range(sim.shape[1]):
+            total += -(targets[i, j].item() / row_sum) * (logits[j] - log_norm)
+    return total / sim.shape[0]
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_ce_soft_term_with_overlapping_labels_matches_handwritten_loop(symmetric):
+    """With shared labels the `ce` term is cross-entropy against the ROW-NORMALISED label similarities;
+    symmetric averages the row direction (S) and the column direction (S.T) against the same rows,
+    as the docstring of soft_cross_entropy says. Raw, unnormalised targets would not match."""
+    student, teacher = embeddings(batch=5)
+    labels = torch.tensor(
+        [[1, 1, 0, 0], [1, 0, 0, 0], [0, 1, 1, 0], [1, 1, 1, 1], [0, 0, 1, 1]], dtype=torch.float
+    )
+    targets = soft_targets(labels)
+    assert (targets.sum(dim=1) > 1.5).all()  # every row overlaps another: normalising matters
+    sim = cosine_matrix(student, teacher)
+    expected = handwritten_soft_cross_entropy(sim, targets, 0.3)
+    if symmetric:
+        expected = 0.5 * (expected + handwritten_soft_cross_entropy(sim.T, targets, 0.3))
+    loss_fn = SoftConLoss(temperature=0.1, soft_temperature=0.3, soft_mode="ce", symmetric=symmetric)
+    out = loss_fn(student, teacher, labels)
+    assert out["soft"].item() == pytest.approx(expected, rel=1e-5, abs=1e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from fm.augment import MultiCropTransform
 from fm.demo_images import DemoTextures
-from fm.ssl_data import MultiCropBatches
+from fm.ssl_data import MultiCropBatches, SSLDataModule
 
 BATCH = 2
 PATCH = 2  # 8 x 8 grid: even the smallest ratio (0.1) asks for more than one 4-patch block
@@ -108,3 +109,24 @@ def test_start_batch_resumes_at_that_batch():
 def test_empty_source_is_an_error():
     with pytest.raises(ValueError, match="empty"):
         MultiCropBatches(DemoTextures(n=0, size=8), MultiCropTransform(), batch_size=2, patch_size=4)
+
+
+def _first_batch_for_rank(global_rank: int) -> dict:
+    """First batch of SSLDataModule.train_dataloader under a stand-in trainer at step 0 on `global_rank`."""
+    source = DemoTextures(n=64, size=32)
+    transform = MultiCropTransform(global_size=16, local_size=8, n_local=2)
+    data_cfg = {"batch_size": 8, "seed": 0, "num_workers": 0}
+    datamodule = SSLDataModule(source, transform, data_cfg, patch_size=PATCH, mask_probability=0.5,
+                               mask_ratio=(0.1, 0.5))
+    datamodule.trainer = SimpleNamespace(global_step=0, global_rank=global_rank)
+    return next(iter(datamodule.train_dataloader()))
+
+
+def test_ddp_ranks_draw_different_images_from_the_datamodule():
+    """train_dataloader passes the trainer's global rank into the batch seed: ranks 0 and 1 draw different
+    images at the same step, while the same rank always redraws the same batch."""
+    rank0 = _first_batch_for_rank(0)
+    _assert_batches_equal(rank0, _first_batch_for_rank(0))
+    rank1 = _first_batch_for_rank(1)
+    assert int(rank0["batch_index"]) == int(rank1["batch_index"]) == 0
+    assert not torch.equal(rank0["indices"], rank1["indices"])
