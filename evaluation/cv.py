@@ -31,6 +31,12 @@ class CVSplit:
         return f"seed{self.seed}-fold{self.fold}"
 
 
+def patient_ids(table: pd.DataFrame):
+    """Patient ids as text; a blank cell makes that slide its own patient (not one 'nan' patient of all)."""
+    blank = table["patient_id"].isna() | (table["patient_id"].astype(str).str.strip() == "")
+    return table["patient_id"].where(~blank, table["slide_id"]).astype(str)
+
+
 def check_labels(labels: pd.DataFrame, n_folds: int | None = None) -> pd.DataFrame:
     """Validate a labels table (slide_id, label, optional patient_id / fold); return a clean copy.
 
@@ -44,7 +50,7 @@ def check_labels(labels: pd.DataFrame, n_folds: int | None = None) -> pd.DataFra
     labels["slide_id"] = labels["slide_id"].astype(str)
     if "patient_id" not in labels.columns:
         labels["patient_id"] = labels["slide_id"]  # no patient ids: each slide is its own patient
-    labels["patient_id"] = labels["patient_id"].astype(str)
+    labels["patient_id"] = patient_ids(labels)
     dupes = labels.loc[labels["slide_id"].duplicated(), "slide_id"].unique().tolist()
     if dupes:
         raise ValueError(f"slides listed more than once in the labels: {_show(dupes)}")

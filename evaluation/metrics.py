@@ -187,9 +187,12 @@ def bootstrap_ci(
         members = None
         units = np.arange(len(y))
     else:
-        g = np.asarray(groups)
-        if len(g) != len(y):
-            raise ValueError(f"groups has {len(g)} entries for {len(y)} samples")
+        raw = list(groups)
+        if len(raw) != len(y):
+            raise ValueError(f"groups has {len(raw)} entries for {len(y)} samples")
+        if any(v is None or (isinstance(v, float) and np.isnan(v)) for v in raw):
+            raise ValueError("groups has missing ids: give every sample its group (e.g. the slide id)")
+        g = np.array([f"{type(v).__name__}:{v}" for v in raw])  # 1 and "1" are different groups
         _, first, inverse = np.unique(g, return_index=True, return_inverse=True)
         order = np.argsort(first)  # groups in order of first appearance
         members = [np.flatnonzero(inverse == k) for k in order]

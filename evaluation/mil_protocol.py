@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from evaluation.cv import CVSplit, check_labels, cv_splits
+from evaluation.cv import CVSplit, check_labels, cv_splits, patient_ids
 from evaluation.metrics import bootstrap_ci
 from evaluation.mil_data import BagSampler, FeatureBank
 from evaluation.mil_models import (
@@ -120,7 +120,7 @@ def _check_test(
     if both:
         raise ValueError(f"slides in both the CV labels and the test cohort: {both[:20]}")
     if "patient_id" in test.columns:
-        test["patient_id"] = test["patient_id"].astype(str)
+        test["patient_id"] = patient_ids(test)
         _check_patients_apart(test, labels)
     if "label" not in test.columns:
         return test, None

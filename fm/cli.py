@@ -117,8 +117,12 @@ def _run_tracked(verb: str, args: argparse.Namespace, cmd: Command):
     from fm.tracking import tracked_run
 
     params = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "tracking_uri"}
+    tags = {"fm_command": f"fm-{verb} {args.domain}"}
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:  # torchrun / srun: rank 0 records the run, and its counts are those of its own shard
+        tags["scope"] = f"rank 0 of {world}: the metrics count the slides of rank 0's shard only"
     with tracked_run(f"fm-{args.domain}", run_name=f"{verb}-{time.strftime('%Y%m%d-%H%M%S')}", config=params,
-                     tracking_uri=args.tracking_uri, tags={"fm_command": f"fm-{verb} {args.domain}"}) as run:
+                     tracking_uri=args.tracking_uri, tags=tags) as run:
         result = cmd.runner()(args)
         _log_summary(run, result)
     return result

@@ -66,11 +66,13 @@ def resolve_tracking_uri(flag: str | os.PathLike | None = None) -> str:
     A bare path is accepted too: `*.db`/`*.sqlite` is taken as the database file, anything else as the
     directory that holds `mlflow.db`. `none` (or `off`) records nothing.
     """
-    if str(flag or os.environ.get(ENV_TRACKING_URI, "")).lower() in ("none", "off"):
+    if flag and str(flag).lower() in ("none", "off"):
         return NO_TRACKING
-    if not flag and os.environ.get(ENV_TRACKING_DIR):  # offline mode for batch pipelines
+    if not flag and os.environ.get(ENV_TRACKING_DIR):  # offline mode for batch pipelines (before the env URI)
         return OFFLINE_SCHEME + str(Path(os.environ[ENV_TRACKING_DIR]).expanduser().resolve())
     value = str(flag) if flag else os.environ.get(ENV_TRACKING_URI, "")
+    if value.lower() in ("none", "off"):
+        return NO_TRACKING
     if value.startswith(OFFLINE_SCHEME):
         return value
     if not value:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -106,9 +107,11 @@ def import_runs(roots: Sequence[str | Path], tracking_uri: str | None = None) ->
     Parents are created before their children; a run already imported (marker file) is skipped."""
     from mlflow.entities import Metric, Param, RunTag
 
-    from fm.tracking import _client, _experiment_id, resolve_tracking_uri
+    from fm.tracking import NO_TRACKING, _client, _experiment_id, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
+    if uri == NO_TRACKING:
+        raise ValueError("fm-track import needs a real MLflow store, not 'none': pass --tracking-uri URI")
     if uri.startswith(OFFLINE_SCHEME):
         raise ValueError("fm-track import needs a real MLflow store: pass --tracking-uri (or unset FM_TRACKING_DIR)")
     client = _client(uri)
@@ -161,6 +164,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     import os
 
     os.environ.pop("FM_TRACKING_DIR", None)  # importing must talk to the real store
-    mapping = import_runs(args.dirs, args.tracking_uri)
+    try:
+        mapping = import_runs(args.dirs, args.tracking_uri)
+    except (ValueError, FileNotFoundError) as err:
+        if os.environ.get("FM_DEBUG"):
+            raise
+        print(f"fm-track: error: {err}\n(set FM_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2
     print(f"imported {len(mapping)} run(s)")
     return 0

@@ -149,6 +149,10 @@ def test_a_grouped_bootstrap_resamples_patients_not_their_slides():
     assert naive[2] - naive[1] < 0.75 * (grouped[2] - grouped[1])
     with pytest.raises(ValueError, match="groups has 3 entries for 180 samples"):
         metrics.bootstrap_ci(metrics.binary_auc, y3, s3, groups=[1, 2, 3])
+    with pytest.raises(ValueError, match="groups has missing ids"):
+        metrics.bootstrap_ci(metrics.binary_auc, y1, s1, groups=[None, *range(59)])
+    mixed = [*range(30), *map(str, range(30))]  # 1 and "1" are two patients, not one
+    assert metrics.bootstrap_ci(metrics.binary_auc, y1, s1, n_boot=300, seed=3, groups=mixed) == pytest.approx(single)
 
 
 def test_one_vs_rest_auc_refuses_non_integer_labels():

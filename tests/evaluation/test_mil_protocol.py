@@ -389,3 +389,20 @@ def test_the_protocol_keeps_a_patients_slides_in_one_fold_and_resamples_patients
     width = {name: r.summary["oof/ensemble_auc_high"] - r.summary["oof/ensemble_auc_low"]
              for name, r in (("patients", result), ("slides", as_slides))}
     assert width["patients"] > width["slides"], width
+
+
+def test_blank_patient_ids_make_each_such_slide_its_own_patient(cohorts):
+    """A blank patient_id cell (a CSV with gaps) must neither crash the protocol at its very end nor merge
+    every such slide into one 'nan' patient."""
+    train, test, bank = cohorts
+    labels = train.labels.copy()
+    labels.loc[:9, "patient_id"] = np.nan
+    external = test.labels.copy()
+    external.loc[:4, "patient_id"] = None
+    external.loc[5:6, "patient_id"] = "  "
+    result = run_mil_protocol(bank, labels, external, model="mean", folds=3, seeds=1, epochs=2, n_boot=50,
+                              device="cpu", attention_slides=0)
+    assert np.isfinite(result.summary["test/ensemble_auc_low"])
+    patients = result.predictions.set_index("slide_id")["patient_id"]
+    assert patients[labels["slide_id"][:10]].tolist() == labels["slide_id"][:10].tolist()
+    assert patients[external["slide_id"][:7]].tolist() == external["slide_id"][:7].tolist()

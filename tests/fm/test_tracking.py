@@ -279,3 +279,20 @@ def test_parallel_processes_share_a_new_store(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("cohort").experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["worker0", "worker1"]
     assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_none_records_nothing_and_the_offline_folder_comes_first(tmp_path, monkeypatch):
+    from fm.tracking import NO_TRACKING, resolve_tracking_uri
+    from fm.tracking_offline import main as track_main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "none")
+    assert resolve_tracking_uri(None) == NO_TRACKING and resolve_tracking_uri("OFF") == NO_TRACKING
+    monkeypatch.setenv("FM_TRACKING_DIR", str(tmp_path / "offline"))
+    assert resolve_tracking_uri(None).endswith("offline")  # a pipeline task's folder wins over the environment
+    assert resolve_tracking_uri("none") == NO_TRACKING  # the flag wins over both
+    with tracked_run("x", tracking_uri="none") as run:
+        run.log_metrics({"a": 1.0})
+    assert not run.enabled and sorted(p.name for p in tmp_path.iterdir()) == []  # no store made anywhere
+    (tmp_path / "offline").mkdir()
+    assert track_main(["import", str(tmp_path / "offline"), "--tracking-uri", "none"]) == 2

@@ -411,7 +411,14 @@ def test_prepare_and_extract_record_their_runs(cmu_slide, tiny_hf, tmp_path):
                        "--target-mpp", "1.0"])
     invoke("extract", ["pathology", "--cohorts", f"csv:{cohort}", "--tiles-dir", str(tiles), "--output-dir", str(out),
                        "--encoder", str(tiny_hf), "--workers", "0", "--device", "cpu"])
-    invoke("prepare", ["pathology", "--cohorts", f"csv:{cohort}", "--output-dir", str(tiles), "--tracking-uri", "none"])
+    (tmp_path / "cwd").mkdir()
+    os.chdir(tmp_path / "cwd")  # where a store named 'none' would appear if the word were taken as a path
+    try:
+        invoke("prepare", ["pathology", "--cohorts", f"csv:{cohort}", "--output-dir", str(tiles), "--tracking-uri",
+                           "none"])
+    finally:
+        os.chdir(tmp_path)
+    assert list((tmp_path / "cwd").iterdir()) == []
 
     client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("fm-pathology").experiment_id])

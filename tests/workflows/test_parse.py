@@ -142,7 +142,8 @@ def error_strategy(expr: str, exit_status: int, attempt: int) -> str:
 
 def channel_sources(text: str) -> dict[str, str]:
     """`name -> the text of every expression assigned to it` in a workflow file (`x = ...` and `def x = ...`,
-    with the `.operator` lines that continue it; branches are joined, as either may run)."""
+    with the `.operator` lines that continue it; branches are joined, as either may run). A limit: order
+    is not followed, so a later assignment that overrides a channel on every path is not noticed."""
     assigned: dict[str, str] = {}
     current = None
     for line in nf.strip_comments(text).splitlines():
