@@ -36,7 +36,8 @@ def _add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", required=False, default="fm-runs/tiles", help="tiles go to DIR/<slide_id>/")
     p.add_argument("--tile-px", type=int, help="tile size in pixels (default 224)")
     p.add_argument("--target-mpp", type=float, help="tile resolution in um/px (default 0.5, i.e. 20x)")
-    p.add_argument("--min-tissue", type=float, help="keep tiles with at least this tissue fraction (0.6)")
+    p.add_argument("--min-tissue", type=float,
+                   help="keep tiles with at least this tissue fraction (default: the folder's, else 0.6)")
     p.add_argument("--workers", type=int, help="slides tiled in parallel")
     p.add_argument("--overwrite", action="store_true", help="re-tile slides that are already done")
     p.add_argument("--write-samplesheet", metavar="CSV", help="also write the cohort as a samplesheet CSV")

@@ -66,13 +66,16 @@ def _tile_missing(missing: list[SlideRecord], tiles_dir: Path, tiling: dict,
     """Tile slides without coords.h5 at `setting`; returns slide_id -> reason for those that failed."""
     if not missing:
         return {}
+    from pathology.tile_setting import resolve_min_tissue
     from pathology.tiling import tile_cohort, tiling_defaults
     from pathology.tissue import TissueParams
 
     params = {**tiling_defaults(), **{k: v for k, v in tiling.items() if v is not None}}
-    print(f"tiling {len(missing)} slide(s) first into {tiles_dir} ({setting[0]} px at {setting[1]} um/px)")
+    min_tissue = resolve_min_tissue(tiles_dir, tiling.get("min_tissue"))  # the folder's, as its setting
+    print(f"tiling {len(missing)} slide(s) first into {tiles_dir} ({setting[0]} px at {setting[1]} um/px, "
+          f"--min-tissue {min_tissue:g})")
     table = tile_cohort(missing, tiles_dir, tile_px=setting[0], target_mpp=setting[1],
-                        min_tissue=params["min_tissue"], workers=params["workers"],
+                        min_tissue=min_tissue, workers=params["workers"],
                         tissue_params=TissueParams(**params["tissue"]))
     return {row.slide_id: f"tiling {row.status}: {row.reason}" for row in table.itertuples()
             if row.status not in (OK, OK_EMPTY, SKIPPED_DONE)}

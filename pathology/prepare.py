@@ -10,8 +10,8 @@ from pathlib import Path
 import pandas as pd
 
 from pathology.cohorts import SlideRecord, resolve_cohorts
-from pathology.tile_setting import refuse_other_setting, resolve_setting
-from pathology.tiling import tile_cohort, tiling_defaults
+from pathology.tile_setting import refuse_other_setting, resolve_min_tissue, resolve_setting
+from pathology.tiling import OTHER_MIN_TISSUE, tile_cohort, tiling_defaults
 from pathology.tissue import TissueParams
 
 
@@ -47,12 +47,21 @@ def tile_slides(records: list[SlideRecord], out_dir: Path, params: dict, overwri
                        tissue_params=TissueParams(**params["tissue"]))
 
 
+def print_other_min_tissue(rows: pd.DataFrame, min_tissue: float) -> None:
+    """Say, once, which finished slides were kept with another tissue threshold than this run's."""
+    kept = rows[rows["reason"].astype(str).str.startswith(OTHER_MIN_TISSUE)] if len(rows) else rows
+    if len(kept):
+        names = ", ".join(kept["slide_id"].astype(str).head(5)) + (", ..." if len(kept) > 5 else "")
+        print(f"  kept {len(kept)} slide(s) tiled with another --min-tissue than {min_tissue:g} ({names}); "
+              "--overwrite re-tiles them")
+
+
 def prepare(args: argparse.Namespace) -> dict:
     params = tiling_defaults()
-    for flag in ("min_tissue", "workers"):
-        if getattr(args, flag) is not None:
-            params[flag] = getattr(args, flag)
+    if args.workers is not None:
+        params["workers"] = args.workers
     out = Path(args.output_dir)
+    params["min_tissue"] = resolve_min_tissue(out, args.min_tissue)  # like the setting: the folder's by default
     # a rerun, or new slides, without the flags keep the folder's setting; flags that contradict it are refused
     (params["tile_px"], params["target_mpp"]), source = resolve_setting(out, args.tile_px, args.target_mpp)
     records = select_slides(args, ["demo"] if not args.cohorts else [])
@@ -73,4 +82,5 @@ def prepare(args: argparse.Namespace) -> dict:
     failed = rows[rows["status"] == "failed"] if len(rows) else rows
     for _, row in failed.iterrows():
         print(f"  FAILED {row['slide_id']}: {row['reason']}")
+    print_other_min_tissue(rows, params["min_tissue"])
     return {"manifest": str(out / "manifest.csv"), "statuses": summary}

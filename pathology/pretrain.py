@@ -12,9 +12,9 @@ from fm.io import ItemLock
 from fm.train import multicrop_from_config, run_pretraining
 from pathology.augment import HEPhotometric
 from pathology.domain import apply_flags
-from pathology.prepare import select_slides, tile_slides
+from pathology.prepare import print_other_min_tissue, select_slides, tile_slides
 from pathology.tile_dataset import TileStream
-from pathology.tile_setting import coords_attrs, refuse_other_setting
+from pathology.tile_setting import coords_attrs, refuse_other_setting, resolve_min_tissue
 from pathology.tiling import COORDS_NAME, FAILED, LOCKED, OK, SKIPPED_DONE, tiling_defaults
 
 
@@ -61,7 +61,7 @@ def train(args: argparse.Namespace) -> dict:
     tiles_dir = Path(p["tiles_dir"] or Path(cfg["train"]["output_dir"]) / "tiles")
     records = select_slides(args, p["cohorts"], p["data_root"], p["projects"], p["mpp"])
     params = {**tiling_defaults(), "tile_px": p["tile_px"], "target_mpp": p["target_mpp"],
-              "min_tissue": p["min_tissue"], "workers": p["tiling_workers"]}
+              "min_tissue": resolve_min_tissue(tiles_dir, p["min_tissue"]), "workers": p["tiling_workers"]}
     setting = (int(p["tile_px"]), float(p["target_mpp"]))
     refuse_other_setting(tiles_dir, setting, "the config (pathology.tile_px, pathology.target_mpp)",
                          "set them to the folder's (--set pathology.tile_px=... --set pathology.target_mpp=...), "
@@ -74,6 +74,7 @@ def train(args: argparse.Namespace) -> dict:
         left_out = set(untiled)
         records = [r for r in records if r.slide_id not in left_out]
     rows = tile_slides(records, tiles_dir, params)  # tiles what is not tiled yet (resumable)
+    print_other_min_tissue(rows, params["min_tissue"])
     with_tiles = set(rows.loc[rows["status"].isin([OK, SKIPPED_DONE]) & (rows["n_tiles"] > 0), "slide_id"])
     locked = rows.loc[rows["status"] == LOCKED, "slide_id"].tolist()
     with_tiles |= _wait_for_others(tiles_dir, locked)  # every rank of a job then trains on the same slides

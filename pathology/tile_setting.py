@@ -4,6 +4,10 @@ A folder of tiles holds one setting: extraction needs it (one encoder input per 
 every slide at it, and a rerun or a grown cohort must not switch it and strand the finished slides. So the
 setting of a run comes from the flags (or config) where given, else from the tiles already in the folder,
 else from the tiling defaults; a request that contradicts the folder is refused by name.
+
+The tissue threshold (`--min-tissue`) follows the folder the same way, so slides added later (by
+fm-extract or fm-train tiling what is missing) are selected like the ones there; a different threshold
+breaks nothing downstream, so asking for one is not refused: slides already tiled keep theirs, and say so.
 """
 
 from __future__ import annotations
@@ -48,6 +52,26 @@ def folder_settings(tiles_dir: Path, by_slide: dict | None = None) -> Counter:
         if by_slide is not None:
             by_slide[coords_path.parent.name] = setting
     return settings
+
+
+def folder_min_tissue(tiles_dir: Path) -> float | None:
+    """The tissue threshold most slides of `tiles_dir` were tiled with (None: no readable tiles)."""
+    found: Counter = Counter()
+    for coords_path in Path(tiles_dir).glob(f"*/{COORDS_NAME}"):
+        try:
+            with h5py.File(coords_path, "r") as f:
+                found[float(f["coords"].attrs["min_tissue"])] += 1
+        except (OSError, KeyError):
+            continue
+    return found.most_common(1)[0][0] if found else None
+
+
+def resolve_min_tissue(tiles_dir: Path, asked: float | None) -> float:
+    """The tissue threshold of a run: the one asked for, else the folder's, else the tiling default."""
+    if asked is not None:
+        return float(asked)
+    held = folder_min_tissue(tiles_dir)
+    return float(held if held is not None else tiling_defaults()["min_tissue"])
 
 
 def resolve_setting(tiles_dir: Path, tile_px: int | None = None, target_mpp: float | None = None,

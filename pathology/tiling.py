@@ -43,6 +43,7 @@ THUMBNAIL_NAME = "thumbnail.png"
 MANIFEST_NAME = "manifest.csv"
 MANIFEST_COLUMNS = ["slide_id", "patient_id", "slide_path", "status", "reason", "n_tiles", "seconds", "mpp"]
 OK, OK_EMPTY, SKIPPED_DONE, LOCKED, FAILED = "ok", "ok_empty", "skipped_done", "locked", "failed"
+OTHER_MIN_TISSUE = "already tiled with --min-tissue"  # how a kept slide's row says it has another threshold
 QC_MAX_SIDE = 1024
 PROBE_TILES = 3  # kept tiles decoded at tiling time to catch slides whose full-resolution data is damaged
 CONFIG_PATH = Path(__file__).parent / "configs" / "tiling.yaml"
@@ -119,15 +120,17 @@ def _write_qc_thumbnail(
         image.save(tmp, format="PNG")
 
 
-def _done_summary(coords_path: Path) -> tuple[int, float | None, tuple[int, float] | None]:
-    """(tile count, slide mpp, (tile px, target mpp)) of a finished slide, for the rows of skipped slides."""
+def _done_summary(coords_path: Path) -> tuple[int, float | None, tuple[int, float] | None, float | None]:
+    """(tile count, slide mpp, (tile px, target mpp), tissue threshold) of a finished slide, for the rows
+    of skipped slides."""
     try:
         with h5py.File(coords_path, "r") as f:
             attrs = f["coords"].attrs
             setting = (int(attrs["patch_size"]), float(attrs["target_mpp"])) if "patch_size" in attrs else None
-            return int(f["coords"].shape[0]), float(attrs.get("slide_mpp", np.nan)), setting
+            min_tissue = float(attrs["min_tissue"]) if "min_tissue" in attrs else None
+            return int(f["coords"].shape[0]), float(attrs.get("slide_mpp", np.nan)), setting, min_tissue
     except (OSError, KeyError):
-        return -1, None, None
+        return -1, None, None, None
 
 
 def _select_tiles(slide, tile_px: int, target_mpp: float, min_tissue: float, params: TissueParams):
@@ -178,10 +181,13 @@ def tile_slide(
     if not slide_id or slide_id in (".", "..") or "/" in slide_id or "\\" in slide_id:
         return result(FAILED, f"{slide_path}: slide_id {slide_id!r} cannot be a folder name")
     def already_tiled() -> TilingResult:
-        n_tiles, mpp, setting = _done_summary(coords_path)
+        n_tiles, mpp, setting, held_min_tissue = _done_summary(coords_path)
         if setting is not None and setting != (int(tile_px), float(target_mpp)):
             return result(FAILED, f"{coords_path}: tiled at {setting[0]} px, {setting[1]:g} um/px, not the "
                           f"{tile_px} px, {target_mpp:g} um/px asked for; --overwrite re-tiles it", n_tiles, mpp)
+        if held_min_tissue is not None and held_min_tissue != float(min_tissue):
+            return result(SKIPPED_DONE, f"{OTHER_MIN_TISSUE} {held_min_tissue:g}, not {float(min_tissue):g}; "
+                          "--overwrite re-tiles it", n_tiles, mpp)
         return result(SKIPPED_DONE, "already tiled", n_tiles, mpp)
 
     if coords_path.exists() and not overwrite:

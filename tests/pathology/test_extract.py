@@ -172,12 +172,15 @@ def test_a_grown_cohort_keeps_the_tile_setting_of_its_tiles(cmu_slide, tiny_hf, 
     encoder = FeatureEncoder(str(tiny_hf), device="cpu")
     tiles, out = tmp_path / "tiles", tmp_path / "features"
     first = [SlideRecord("a", cmu_slide, "P0", "test")]
-    table = extract_cohort(first, tiles, out, encoder, workers=0, tiling=dict(tile_px=64, target_mpp=2.0))
+    table = extract_cohort(first, tiles, out, encoder, workers=0,
+                           tiling=dict(tile_px=64, target_mpp=2.0, min_tissue=0.3))
     assert table["status"].tolist() == ["ok"]
     grown = [*first, SlideRecord("b", cmu_slide, "P1", "test")]
-    table = extract_cohort(grown, tiles, out, encoder, workers=0, tiling=dict(tile_px=None, target_mpp=None))
+    table = extract_cohort(grown, tiles, out, encoder, workers=0,
+                           tiling=dict(tile_px=None, target_mpp=None, min_tissue=None))
     assert dict(zip(table["slide_id"], table["status"])) == {"a": "skipped_done", "b": "ok"}
-    assert read_coords(tiles / "b" / "coords.h5")[1]["patch_size"] == 64
+    attrs_b = read_coords(tiles / "b" / "coords.h5")[1]
+    assert attrs_b["patch_size"] == 64 and attrs_b["min_tissue"] == 0.3  # the folder's, not the default 0.6
     # flags that contradict the tiles: the slides tiled otherwise fail, naming the flags and the fix
     table = extract_cohort([*grown, SlideRecord("c", cmu_slide, "P2", "test")], tiles, tmp_path / "f2", encoder,
                            workers=0, tiling=dict(tile_px=32))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import h5py
 import lightning as L
 import torch
 from mlflow import MlflowClient
@@ -87,7 +88,7 @@ def test_pretraining_reads_the_cohorts_own_slide_paths_and_one_tile_setting(test
                           patient_id=slides)).to_csv(tmp_path / "sub" / f"{name}.csv", index=False)
     monkeypatch.chdir(tmp_path)
     invoke("prepare", ["pathology", "--cohorts", "csv:sub/c.csv", "--output-dir", "tiles", "--tile-px", "64",
-                       "--target-mpp", "1.0"])
+                       "--target-mpp", "1.0", "--min-tissue", "0.3"])
     (tmp_path / "slides").rename(tmp_path / "moved")  # the slides move after tiling; the cohort says where
     pd.DataFrame(dict(slide_path=["../moved/x20.tif"], slide_id=["x20"], patient_id=["x20"])).to_csv(
         tmp_path / "sub" / "c.csv", index=False)
@@ -104,6 +105,9 @@ def test_pretraining_reads_the_cohorts_own_slide_paths_and_one_tile_setting(test
         tmp_path / "sub" / "empty.csv", index=False)
     with pytest.raises(ValueError, match="no slide of the cohort has tiles.*without tissue tiles"):
         invoke("train", [*train, "--cohorts", f"csv:{tmp_path / 'sub' / 'empty.csv'}"])
+    # the slide tiled on the way took the folder's tissue threshold, not the config's default
+    with h5py.File(tmp_path / "tiles" / "empty" / "coords.h5", "r") as f:
+        assert f["coords"].attrs["min_tissue"] == 0.3
 
 
 def test_tiled_only_trains_on_the_tiled_slides_and_tiles_none(test_slides, tmp_path, monkeypatch):

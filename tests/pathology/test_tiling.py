@@ -331,6 +331,39 @@ def test_a_tiles_folder_keeps_one_tile_setting(test_slides, tmp_path):
     assert _setting(out / "x20" / "coords.h5") == (224, 1.0)
 
 
+def test_the_tissue_threshold_follows_the_folder_and_another_one_is_reported(test_slides, tmp_path, capsys):
+    """New slides take the folder's --min-tissue unless it is given (they took the default 0.6, mixing two
+    selections in one folder); asking for another threshold keeps the finished slides and lists them,
+    and --overwrite re-tiles with it."""
+    from fm.cli import invoke
+
+    def min_tissue(slide_id: str) -> float:
+        return float(read_coords(out / slide_id / "coords.h5")[1]["min_tissue"])
+
+    out = tmp_path / "tiles"
+    invoke("prepare", ["pathology", "--cohorts", _csv_cohort(tmp_path / "one.csv", {"x20": test_slides["x20"]}),
+                       "--output-dir", str(out), "--min-tissue", "0.3"])
+    grown = _csv_cohort(tmp_path / "two.csv", {"x20": test_slides["x20"], "x40": test_slides["x40"]})
+    invoke("prepare", ["pathology", "--cohorts", grown, "--output-dir", str(out)])
+    assert min_tissue("x40") == min_tissue("x20") == 0.3
+    n_loose = len(read_coords(out / "x40" / "coords.h5")[0])
+    capsys.readouterr()
+
+    invoke("prepare", ["pathology", "--cohorts", grown, "--output-dir", str(out), "--min-tissue", "0.95"])
+    said = capsys.readouterr().out
+    assert "kept 2 slide(s) tiled with another --min-tissue than 0.95 (x20, x40)" in said and "--overwrite" in said
+    assert min_tissue("x20") == min_tissue("x40") == 0.3  # kept as they were
+    kept = tile_slide(test_slides["x40"], out, "x40", min_tissue=0.95)
+    assert kept.status == SKIPPED_DONE and "already tiled with --min-tissue 0.3, not 0.95" in kept.reason
+
+    invoke("prepare", ["pathology", "--cohorts", grown, "--output-dir", str(out), "--min-tissue", "0.95",
+                       "--overwrite"])
+    assert min_tissue("x20") == min_tissue("x40") == 0.95
+    assert len(read_coords(out / "x40" / "coords.h5")[0]) < n_loose  # a stricter threshold keeps fewer tiles
+    invoke("prepare", ["pathology", "--cohorts", grown, "--output-dir", str(out)])
+    assert "another --min-tissue" not in capsys.readouterr().out
+
+
 def test_a_failed_overwrite_leaves_no_old_outputs_looking_done(test_slides, tmp_path):
     slide = tmp_path / "s.tif"
     slide.write_bytes(test_slides["x20"].read_bytes())
