@@ -135,7 +135,7 @@ SKIPS_SHOWN = 5  # skipped samples fm-prepare prints; meta.json lists them all
 def prepare_cmd(args: argparse.Namespace) -> Path:
     import json
 
-    from earthobs.packed import prepare
+    from earthobs.prepare import prepare
 
     if args.dataset not in ("demo",) and not args.root:
         raise ValueError(f"--root is required for {args.dataset}")

@@ -296,8 +296,8 @@ TASKS = {"bigearthnet": True, "eurosat": False}  # task -> multi-label?
 
 
 def dataset_name(task: str, cfg: dict) -> str:
-    """The data set of a task, named as fm-prepare names it (`packed.resolve_dataset_name`)."""
-    from earthobs.packed import resolve_dataset_name
+    """The data set of a task, named as fm-prepare names it (`prepare.resolve_dataset_name`)."""
+    from earthobs.prepare import resolve_dataset_name
 
     return "eurosat" if task == "eurosat" else resolve_dataset_name("bigearthnet", cfg["root"], cfg["version"])
 
@@ -310,7 +310,8 @@ def eval_split(name: str, cfg: dict, split: str | None, subset: bool = False):
     """(data set, saved subset list or None) for one split; with `subset`, only the `train_fraction`
     drawn by `seed`. With `packed_dir` the split (or subset) is packed there once and memory-mapped."""
     from earthobs.bigearthnet import training_subset
-    from earthobs.packed import IdSubset, PackedDataset, build_dataset, prepare
+    from earthobs.packed import IdSubset, PackedDataset
+    from earthobs.prepare import build_dataset, prepare
 
     root, fraction = cfg["root"], cfg["train_fraction"] if subset else None
     if root is None:

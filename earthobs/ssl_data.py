@@ -208,10 +208,11 @@ class SoftConDataModule(L.LightningDataModule):
 def training_dataset(cfg: dict, cache_dir: str | os.PathLike | None = None):
     """The training data set named by `data.source` and the key of its statistics table.
 
-    With `data.packed_dir` the split is packed there once (`earthobs.packed.prepare`) and read from the
+    With `data.packed_dir` the split is packed there once (`earthobs.prepare.prepare`) and read from the
     memory map; the generated demo scenes are always packed, under the cache dir. `data.nan_policy`
     says what NaN/nodata pixels of the GeoTIFFs do (raise: the patch fails; zero: filled with 0)."""
-    from earthobs.packed import PackedDataset, build_dataset, prepare, resolve_dataset_name
+    from earthobs.packed import PackedDataset
+    from earthobs.prepare import build_dataset, prepare, resolve_dataset_name
 
     d = cfg["data"]
     kind, root = parse_data_source(d["source"])

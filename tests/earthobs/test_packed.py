@@ -18,7 +18,8 @@ from data_ssl4eo import LOCATIONS, make_ssl4eo, write_labels
 
 from earthobs.bigearthnet import BigEarthNetV1
 from earthobs.cache_request import CacheMismatchError
-from earthobs.packed import PackedDataset, pack_split, prepare, resolve_dataset_name
+from earthobs.packed import PackedDataset, pack_split
+from earthobs.prepare import prepare, resolve_dataset_name
 from earthobs.readers import EOReadError, NoReadableSampleError
 from fm.io import ItemLock
 
@@ -216,7 +217,7 @@ def test_a_cache_under_the_old_bigearthnet_folder_is_pointed_out_and_reused_once
 
     def prepare_logged() -> tuple[Path, list[str]]:
         caplog.clear()
-        with caplog.at_level("WARNING", logger="earthobs.packed"):
+        with caplog.at_level("WARNING", logger="earthobs.prepare"):
             out = prepare("bigearthnet", s2_tiny, cache, split=None)
         return out, [r.getMessage() for r in caplog.records]
 
