@@ -2,7 +2,8 @@
 
 A cache folder is named by data set, sensor and split only; two requests can share that name yet want
 different data (another root, dtype, NaN policy or list of samples). `meta.json["source"]` records the
-request, so a rerun can tell "already done" from "something else is there".
+request, so a rerun can tell "already done" from "something else is there". Only the data root may
+differ, when a few samples read again from the new root are the same (`packed._reuse_cache`).
 """
 
 from __future__ import annotations
@@ -35,17 +36,18 @@ def _same_value(key: str, old, new) -> bool:
     return old == new
 
 
-def check_cache(out: str | os.PathLike, dtype: str | None, source: dict, ids: Sequence[str] | None = None) -> None:
-    """Refuse (`CacheMismatchError`, one line) the complete cache at `out` unless it was packed for this
-    request: `dtype` (None: any), each REQUEST_KEYS entry of `source`, and (when given) the sample ids."""
+def cache_diffs(out: str | os.PathLike, dtype: str | None, source: dict,
+                ids: Sequence[str] | None = None) -> dict[str, str]:
+    """What differs between the complete cache at `out` and this request (key -> "old (asked new)"):
+    `dtype` (None: any), each REQUEST_KEYS entry of `source`, and (when given) the sample ids ("ids")."""
     out = Path(out)
     meta = json.loads((out / "meta.json").read_text())
     recorded = meta.get("source") or {}
-    diffs = [] if dtype is None or meta.get("dtype") == dtype else [f"dtype {meta.get('dtype')} (asked {dtype})"]
+    diffs = {} if dtype is None or meta.get("dtype") == dtype else {"dtype": f"dtype {meta.get('dtype')} (asked {dtype})"}
     for key in REQUEST_KEYS:
         old = recorded.get(key, _UNRECORDED.get(key))
         if key in source and not _same_value(key, old, source[key]):
-            diffs.append(f"{key} {old!r} (asked {source[key]!r})")
+            diffs[key] = f"{key} {old!r} (asked {source[key]!r})"
     if ids is not None:
         n_recorded = int(meta.get("n_requested", meta.get("n", 0) + len(meta.get("skipped", []))))
         if "sorted_ids_sha256" in meta:
@@ -54,8 +56,14 @@ def check_cache(out: str | os.PathLike, dtype: str | None, source: dict, ids: Se
             packed = json.loads((out / "ids.json").read_text())
             same = set(packed) | {s["id"] for s in meta.get("skipped", [])} == set(ids)
         if not same:
-            diffs.append(f"other sample ids ({n_recorded} recorded, {len(ids)} asked)")
+            diffs["ids"] = f"other sample ids ({n_recorded} recorded, {len(ids)} asked)"
+    return diffs
+
+
+def refuse(out: str | os.PathLike, diffs: dict[str, str]) -> None:
+    """Raise the one-line `CacheMismatchError` for `diffs` (nothing when empty)."""
     if diffs:
         raise CacheMismatchError(
-            f"{out} holds a cache packed for another request: {', '.join(diffs)}; repack it with "
+            f"{out} holds a cache packed for another request: {', '.join(diffs.values())}; repack it with "
             "`fm-prepare ... --overwrite`, remove that folder, or pack into another folder (--output-dir / --packed)")
+

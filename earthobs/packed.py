@@ -19,7 +19,8 @@ and listed in `meta.json["skipped"]`; they never stop the run.
 `meta.json` also records the request (data set, absolute root, split, sensor, fraction/seed, NaN policy,
 labels file, dtype, a digest of the sample ids). A later call for the same folder gets the cache back only
 when its request matches; any other request is refused (`CacheMismatchError`) rather than silently
-served data it did not ask for. `overwrite` repacks.
+served data it did not ask for. `overwrite` repacks. A data root that moved (or is mounted elsewhere)
+is no other request: the cache is reused when a few samples read from the new root match it.
 
 float16 keeps 11 significant bits (S2 DN to +-0.05 %, S1 dB to +-0.016 at -40 dB); values beyond
 +-65504 are clipped and counted in `meta.json["clipped_values"]`.
@@ -27,6 +28,7 @@ float16 keeps 11 significant bits (S2 DN to +-0.05 %, S1 dB to +-0.016 at -40 dB
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -39,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from earthobs.cache_request import check_cache, ids_digest
+from earthobs.cache_request import cache_diffs, ids_digest, refuse
 from earthobs.choices import DTYPES
 from earthobs.readers import EOReadError, NoReadableSampleError, no_readable_sample
 from fm.io import ItemLock, atomic_write_text
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 FORMAT = "fm-packed-v1"
 DEFAULT_DTYPE = "float16"
 _F16_MAX = float(np.finfo(np.float16).max)
+SPOT_CHECKS = 3  # samples read again to tell the same data at a new root from other data
 
 
 class IdSubset(Dataset):
@@ -114,7 +117,7 @@ def pack_split(dataset, out_path: str | os.PathLike, dtype: str | None = None, n
                overwrite: bool = False, source: dict | None = None, flush_every: int = 256) -> Path:
     """Write `dataset` (items with image/label/id; `.ids`, `.bands` attributes) to a packed cache at
     `out_path` and return it. `dtype` None: DEFAULT_DTYPE for a new cache, any for an existing one.
-    An existing complete cache is returned as is when `check_cache` finds it packed for this request
+    An existing complete cache is returned as is when `cache_diffs` finds it packed for this request
     (`source`, dtype, ids), refused when not; `overwrite` repacks it."""
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -125,13 +128,13 @@ def pack_split(dataset, out_path: str | os.PathLike, dtype: str | None = None, n
     if not ids:
         raise NoReadableSampleError(f"nothing to pack into {out}: {_where(source, dataset)} holds no samples")
     if (out / "meta.json").is_file() and not overwrite:
-        check_cache(out, dtype, source, ids)
+        _reuse_cache(dataset, out, dtype, source, ids)
         return out
     with ItemLock(out) as got:
         if not got:
             raise RuntimeError(f"{out} is being packed by another process (lock file {out}.lock)")
         if (out / "meta.json").is_file() and not overwrite:  # finished by another process meanwhile
-            check_cache(out, dtype, source, ids)
+            _reuse_cache(dataset, out, dtype, source, ids)
             return out
         transforms = getattr(dataset, "transforms", None)
         if transforms is not None:  # the cache holds raw values; transforms run when reading it
@@ -142,6 +145,50 @@ def pack_split(dataset, out_path: str | os.PathLike, dtype: str | None = None, n
             if transforms is not None:
                 dataset.transforms = transforms
     return out
+
+
+def _reuse_cache(dataset, out: Path, dtype: str | None, source: dict, ids: list[str]) -> None:
+    """Accept the complete cache at `out` for this request, or raise `CacheMismatchError`. A cache whose
+    data root alone differs (the data moved, or is mounted elsewhere on this node) is reused when the
+    samples it spot-checks read the same from the new root: repacking BigEarthNet takes hours."""
+    diffs = cache_diffs(out, dtype, source, ids)
+    if set(diffs) == {"root"}:
+        differs = _moved_copy_differs(dataset, out)
+        if differs is None:
+            meta = json.loads((out / "meta.json").read_text())
+            log.warning("%s was packed from %s; the samples checked read the same from %s, so it is reused",
+                        out, meta["source"].get("root"), source["root"])
+            meta["source"]["root"] = source["root"]
+            with contextlib.suppress(OSError):  # a read-only cache is reused all the same (checked each time)
+                atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))
+            return
+        diffs["root"] += f", where {differs}"
+    refuse(out, diffs)
+
+
+def _moved_copy_differs(dataset, out: Path, checks: int = SPOT_CHECKS) -> str | None:
+    """None when `checks` packed samples (first, last, evenly between) read from `dataset` give the values
+    in the cache, else what differs."""
+    meta = json.loads((out / "meta.json").read_text())
+    packed_ids = json.loads((out / "ids.json").read_text())
+    images, labels = np.load(out / "images.npy", mmap_mode="r"), np.load(out / "labels.npy", mmap_mode="r")
+    where = {str(i): k for k, i in enumerate(dataset.ids)}
+    transforms = getattr(dataset, "transforms", None)
+    if transforms is not None:  # the cache holds raw values
+        dataset.transforms = None
+    try:
+        for row in np.unique(np.linspace(0, len(packed_ids) - 1, checks).round().astype(int)):
+            sample_id = packed_ids[row]
+            item = _SafeItems(dataset, 0)[where[sample_id]]
+            if "error" in item:
+                return f"sample {sample_id} cannot be read ({item['error']})"
+            image = _to_dtype(item["image"], meta["dtype"], sample_id)[0]
+            if not (np.array_equal(image, images[row]) and np.array_equal(item["label"], labels[row])):
+                return f"sample {sample_id} holds other values"
+    finally:
+        if transforms is not None:
+            dataset.transforms = transforms
+    return None
 
 
 def _pack_locked(dataset, ids: list[str], out: Path, dtype: str | None, num_workers: int, source: dict,

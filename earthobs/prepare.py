@@ -9,7 +9,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from earthobs.cache_request import check_cache
+from earthobs.cache_request import cache_diffs, refuse
 from earthobs.choices import DATASETS
 from earthobs.packed import IdSubset, pack_split
 
@@ -85,7 +85,7 @@ def prepare(dataset_name: str, root: str | os.PathLike | None, out_dir: str | os
 
     With `fraction` (e.g. 0.1 for BigEarthNet-10 %), the deterministic subset list is saved first as
     `<out_dir>/<dataset>/<split>-<pct>pct-seed<seed>.txt` (shared by all sensors) and only those
-    samples are packed. An existing cache of another request is refused (see `check_cache`).
+    samples are packed. An existing cache of another request is refused (see `packed._reuse_cache`).
     """
     from earthobs.bigearthnet import training_subset
 
@@ -98,8 +98,10 @@ def prepare(dataset_name: str, root: str | os.PathLike | None, out_dir: str | os
         split_name = f"{split_name}-{fraction * 100:g}pct-seed{seed}"
         source.update(fraction=fraction, seed=seed)
     out = base / sensor / split_name
-    if (out / "meta.json").is_file() and not overwrite:  # refuse before reading the data or its subset list
-        check_cache(out, dtype, source)
+    if (out / "meta.json").is_file() and not overwrite:  # refuse before reading the data or its subset list,
+        diffs = cache_diffs(out, dtype, source)  # unless only the root moved: pack_split compares the data
+        if set(diffs) - {"root"}:
+            refuse(out, diffs)
     _warn_of_old_cache(Path(out_dir) / dataset_name.lower() / sensor / split_name, out)
     dataset = build_dataset(name, root, split=split, sensor=sensor, nan_policy=nan_policy, **dataset_kwargs)
     if fraction is not None:

@@ -16,6 +16,7 @@ from data_bigearthnet_v2 import make_bigearthnet_v2
 from data_eurosat import make_eurosat
 from data_ssl4eo import LOCATIONS, make_ssl4eo, write_labels
 
+import earthobs.packed as packed_module
 from earthobs.bigearthnet import BigEarthNetV1
 from earthobs.cache_request import CacheMismatchError
 from earthobs.packed import PackedDataset, pack_split
@@ -154,8 +155,11 @@ def test_a_cache_packed_for_another_request_is_refused(s2_tiny, tmp_path):
     assert prepare("bigearthnet", s2_tiny, tmp_path / "packed", split=None) == out  # same request: reused
     assert (out / "meta.json").stat().st_mtime_ns == before
     copy = Path(shutil.copytree(s2_tiny, tmp_path / "copy"))  # same patch names, another root
+    first, last = sorted(p.name for p in copy.iterdir())[0::2]  # a band of one patch is another patch's
+    shutil.copy(copy / last / f"{last}_B03.tif", copy / first / f"{first}_B03.tif")
     root, asked = re.escape(str(Path(s2_tiny).resolve())), re.escape(str(copy.resolve()))  # roots are resolved
-    with pytest.raises(CacheMismatchError, match=rf"{re.escape(str(out))} .*root '{root}' \(asked '{asked}'\).*--overwrite"):
+    with pytest.raises(CacheMismatchError, match=rf"{re.escape(str(out))} .*root '{root}' \(asked '{asked}'\), "
+                                                 rf"where sample {first} holds other values.*--overwrite"):
         prepare("bigearthnet", copy, tmp_path / "packed", split=None)
     with pytest.raises(CacheMismatchError, match=r"dtype float16 \(asked float32\)"):
         prepare("bigearthnet", s2_tiny, tmp_path / "packed", split=None, dtype="float32")
@@ -165,10 +169,39 @@ def test_a_cache_packed_for_another_request_is_refused(s2_tiny, tmp_path):
     with pytest.raises(CacheMismatchError, match=r"other sample ids \(3 recorded, 2 asked\)"):
         pack_split(fewer, out)
     assert (out / "meta.json").stat().st_mtime_ns == before  # nothing was touched
+    shutil.copy(s2_tiny / first / f"{first}_B03.tif", copy / first / f"{first}_B03.tif")
     prepare("bigearthnet", copy, tmp_path / "packed", split=None, dtype="float32", overwrite=True)
     meta = PackedDataset(out).meta
     assert meta["source"]["root"] == str(copy) and meta["dtype"] == "float32"
     assert prepare("bigearthnet", copy, tmp_path / "packed", split=None) == out  # dtype not asked: any is fine
+
+
+def test_a_cache_is_reused_when_only_its_data_moved(s2_tiny, tmp_path, caplog):
+    """The data root moved (or is mounted elsewhere on a compute node): the samples the cache spot-checks
+    read the same there, so the cache is reused, not refused (repacking BigEarthNet takes hours); the new
+    root is recorded, and a read-only cache is reused all the same."""
+    out = prepare("bigearthnet", s2_tiny, tmp_path / "packed", split=None)
+    images = (out / "images.npy").read_bytes()
+    moved = Path(shutil.copytree(s2_tiny, tmp_path / "moved"))
+    with caplog.at_level("WARNING", logger="earthobs.packed"):
+        assert prepare("bigearthnet", moved, tmp_path / "packed", split=None) == out
+    assert "the samples checked read the same" in caplog.text and str(moved.resolve()) in caplog.text
+    assert PackedDataset(out).meta["source"]["root"] == str(moved.resolve())
+    assert (out / "images.npy").read_bytes() == images  # nothing repacked
+    assert_same(PackedDataset(out), BigEarthNetV1(moved), exact=False)
+
+    again = Path(shutil.copytree(s2_tiny, tmp_path / "again"))
+    def read_only(path, text):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    with pytest.MonkeyPatch.context() as patch:  # a shared cache this user cannot write (tests run as root)
+        patch.setattr(packed_module, "atomic_write_text", read_only)
+        assert prepare("bigearthnet", again, tmp_path / "packed", split=None) == out
+    assert PackedDataset(out).meta["source"]["root"] == str(moved.resolve())
+    # a moved copy missing a packed sample is other data
+    shutil.rmtree(again / sorted(p.name for p in again.iterdir())[1])
+    with pytest.raises(CacheMismatchError, match="other sample ids"):
+        prepare("bigearthnet", again, tmp_path / "packed", split=None)
 
 
 def test_bigearthnet_alias_is_read_alike_by_prepare_eval_and_train(s2_tiny, tmp_path):
