@@ -26,6 +26,16 @@ def optionalFile(path) {
     return path ? file(path, checkIfExists: true) : []
 }
 
+// PRETRAIN's runs folder (see the module): this session's folder under --pretrain_runs_dir, so that a
+// retried task, or the task after `-resume` (the same session), continues from its checkpoints there.
+def pretrainRunsDir() {
+    if (!params.pretrain_resume) {
+        return ''
+    }
+    def base = params.pretrain_runs_dir ?: "${params.outdir}/pretrain/runs"
+    return "${file(base).toAbsolutePath()}/${workflow.sessionId}"
+}
+
 // The cache folder `fm-eval earthobs` reads: BigEarthNet packs are named by version, detected as
 // fm-eval detects it (v2 ships metadata.parquet), so that PREPARE fills the folders EVAL opens.
 def packName(String dataset, String root) {
@@ -93,7 +103,7 @@ workflow EARTHOBS {
 
     // PRETRAIN (optional): EVAL then evaluates its teacher
     if (params.earthobs_pretrain) {
-        EARTHOBS_PRETRAIN(optionalFile(params.pretrain_labels), optionalFile(params.earthobs_config), optionalFile(params.init_weights))
+        EARTHOBS_PRETRAIN(optionalFile(params.pretrain_labels), optionalFile(params.earthobs_config), optionalFile(params.init_weights), pretrainRunsDir())
         ch_checkpoint = EARTHOBS_PRETRAIN.out.teacher
         ch_tracking = ch_tracking.mix(EARTHOBS_PRETRAIN.out.tracking)
     } else {

@@ -41,6 +41,16 @@ def optionalFile(path) {
     return path ? file(path, checkIfExists: true) : []
 }
 
+// PRETRAIN's runs folder (see the module): this session's folder under --pretrain_runs_dir, so that a
+// retried task, or the task after `-resume` (the same session), continues from its checkpoints there.
+def pretrainRunsDir() {
+    if (!params.pretrain_resume) {
+        return ''
+    }
+    def base = params.pretrain_runs_dir ?: "${params.outdir}/pretrain/runs"
+    return "${file(base).toAbsolutePath()}/${workflow.sessionId}"
+}
+
 // Offline runs are logged here by TRACK: the given URI, else a SQLite file in --outdir.
 def trackingUri() {
     return params.tracking_uri ?: "sqlite:///${file(params.outdir).toAbsolutePath()}/mlflow.db"
@@ -80,7 +90,7 @@ workflow PATHOLOGY {
 
     // PRETRAIN (optional): DINOv2 on the tiles of all slides; EXTRACT then uses its teacher
     if (params.pathology_pretrain) {
-        PATHOLOGY_PRETRAIN(ch_samplesheet, ch_tiles.map { pairs -> pairs.collect { pair -> pair[1] } }, optionalFile(params.pathology_config))
+        PATHOLOGY_PRETRAIN(ch_samplesheet, ch_tiles.map { pairs -> pairs.collect { pair -> pair[1] } }, optionalFile(params.pathology_config), pretrainRunsDir())
         ch_checkpoint = PATHOLOGY_PRETRAIN.out.teacher  // a value channel (all inputs are): every shard gets it
         ch_tracking = ch_tracking.mix(PATHOLOGY_PRETRAIN.out.tracking)
     } else {

@@ -274,7 +274,7 @@ def test_multi_node_pretraining_uses_srun_and_matching_slurm_request():
         script, _ = nf.render_script(proc.script, {
             "params": {**nf.config_params(WORKFLOWS / "nextflow.config"), "pretrain_data": "ssl4eo:/data"},
             "task": {"cpus": 8, "ext": {"launcher": "srun"}}, "samplesheet": "s.csv", "tile_dirs": nf.Staged(),
-            "config": nf.Staged(), "labels": nf.Staged(), "init_weights": nf.Staged()})
+            "config": nf.Staged(), "labels": nf.Staged(), "init_weights": nf.Staged(), "runs_dir": "/shared/runs"})
         assert re.search(r"^srun fm-train \w+", script, re.M), script
         assert "--devices 4" in script and "--nodes 1" in script and "--strategy ddp" in script
 

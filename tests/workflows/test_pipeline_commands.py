@@ -56,6 +56,16 @@ def tracking_uri(params: dict) -> str:
     return params["tracking_uri"] or f"sqlite:///{Path(params['outdir']).absolute()}/mlflow.db"
 
 
+SESSION = "5f0c3c1e-0000-4000-8000-000000000001"  # workflow.sessionId of the emulated run
+
+
+def pretrain_runs_dir(params: dict, session: str = SESSION) -> str:
+    """pathology.nf / earthobs.nf `pretrainRunsDir`."""
+    if not params["pretrain_resume"]:
+        return ""
+    return f"{Path(params['pretrain_runs_dir'] or Path(params['outdir']) / 'pretrain' / 'runs').absolute()}/{session}"
+
+
 def run_track(runner: nf.Runner, tracking: list) -> nf.TaskResult | None:
     """TRACK(ch_tracking.collect(sort: true), ...): runs once when any task left a tracking folder."""
     runs = sorted(t for t in tracking if t is not None)
@@ -82,7 +92,7 @@ def run_pathology(runner: nf.Runner) -> dict:
     checkpoint = []
     if p["pathology_pretrain"]:
         pretrain = runner.run("PATHOLOGY_PRETRAIN", samplesheet=sheet, tile_dirs=[d for _, d in pairs],
-                              config=optional_file(p["pathology_config"]))
+                              config=optional_file(p["pathology_config"]), runs_dir=pretrain_runs_dir(p))
         checkpoint = pretrain.outputs["teacher"]
         tracking.append(pretrain.outputs["tracking"])
 
@@ -132,7 +142,8 @@ def run_earthobs(runner: nf.Runner) -> dict:
     checkpoint = []
     if p["earthobs_pretrain"]:
         pretrain = runner.run("EARTHOBS_PRETRAIN", labels=optional_file(p["pretrain_labels"]),
-                              config=optional_file(p["earthobs_config"]), init_weights=optional_file(p["init_weights"]))
+                              config=optional_file(p["earthobs_config"]), init_weights=optional_file(p["init_weights"]),
+                              runs_dir=pretrain_runs_dir(p))
         checkpoint = pretrain.outputs["teacher"]
         tracking.append(pretrain.outputs["tracking"])
 
@@ -255,7 +266,7 @@ def commands_for(params: dict, tmp_path: Path) -> list[tuple[str, list[str]]]:
                   encoder="pathology/phikon-v2", eval_task="demo", dataset="bigearthnet", pack_as="bigearthnet-v1",
                   root=str(present),
                   split="train", fraction=0.1, train_fraction=1.0, packed_dir=str(present / "packed"),
-                  tracking_uri="sqlite:///x.db")
+                  tracking_uri="sqlite:///x.db", runs_dir="/shared/runs")
     variants = {"PATHOLOGY_EVAL": [{"labels": nf.Staged()}, {"eval_task": f"csv:{present}/labels.csv"}]}
     runner = nf.Runner(WORKFLOWS, tmp_path / "unused", params)
     commands = []

@@ -1,6 +1,7 @@
 /*
  * SoftCon continual pretraining (from DINOv2 weights by default) on SSL4EO-S12 or the demo scenes:
  * one multi-GPU (optionally multi-node) job; on SLURM ext.launcher is `srun` (conf/slurm.config).
+ * Resumable through `runs_dir` as PATHOLOGY_PRETRAIN: a retry continues from the last checkpoint.
  */
 process EARTHOBS_PRETRAIN {
     label 'process_gpu_multi'
@@ -10,6 +11,7 @@ process EARTHOBS_PRETRAIN {
     path labels
     path config
     path init_weights
+    val runs_dir
 
     output:
     path "pretrain/export/teacher.safetensors", emit: teacher
@@ -27,15 +29,24 @@ process EARTHOBS_PRETRAIN {
     def args = task.ext.args ?: ''
     """
     ${tracking_env}
+    RUN=pretrain
+    if [ -n "${runs_dir}" ]; then
+        RUN="${runs_dir}/earthobs-\$( (sha256sum ${labels} ${config} ${init_weights} </dev/null; echo "${params.modality} ${params.pretrain_data} ${params.pretrain_devices} ${params.pretrain_nodes} ${params.pretrain_strategy} ${init_arg} ${steps_arg} ${args}") | sha256sum | cut -c1-16)"
+        echo "pretraining in \$RUN (a retry continues there)"
+    fi
     ${launcher} fm-train earthobs \\
         --modality ${params.modality} \\
         --data ${params.pretrain_data} \\
-        --output-dir pretrain \\
+        --output-dir "\$RUN" \\
         --devices ${params.pretrain_devices} \\
         --nodes ${params.pretrain_nodes} \\
         --strategy ${params.pretrain_strategy} \\
         --num-workers ${task.cpus} \\
         ${init_arg} ${weights_arg} ${labels_arg} ${config_arg} ${steps_arg} ${args} ${tracking_arg}
+    if [ "\$RUN" != pretrain ]; then
+        mkdir -p pretrain/export
+        cp "\$RUN/export/teacher.safetensors" pretrain/export/teacher.safetensors
+    fi
     """
 
     stub:

@@ -5,6 +5,10 @@
  * refuses a config whose setting differs from the tiles it is given.
  * On SLURM, conf/slurm.config requests --nodes/--ntasks-per-node/--gres and sets ext.launcher to
  * `srun`, which starts one process per GPU; Lightning reads the SLURM variables from there.
+ * Resumable: with `runs_dir` (the workflow's --pretrain_runs_dir/<session id>), fm-train runs in a folder
+ * of it named by a digest of the task's inputs, so a retried task (killed for time or memory), or the
+ * same task after `-resume`, continues from its last checkpoint instead of step 0; the teacher is then
+ * copied into the task folder. `--num-workers` is left out of the digest: it may grow with the attempt.
  */
 process PATHOLOGY_PRETRAIN {
     label 'process_gpu_multi'
@@ -14,6 +18,7 @@ process PATHOLOGY_PRETRAIN {
     path samplesheet
     path tile_dirs, stageAs: 'tiles/*'
     path config
+    val runs_dir
 
     output:
     path "pretrain/export/teacher.safetensors", emit: teacher
@@ -28,18 +33,27 @@ process PATHOLOGY_PRETRAIN {
     def args = task.ext.args ?: ''
     """
     ${tracking_env}
+    RUN=pretrain
+    if [ -n "${runs_dir}" ]; then
+        RUN="${runs_dir}/pathology-\$( (sha256sum ${samplesheet} ${config}; LC_ALL=C ls tiles; echo "${params.tile_px} ${params.target_mpp} ${params.pretrain_devices} ${params.pretrain_nodes} ${params.pretrain_strategy} ${steps_arg} ${args}") | sha256sum | cut -c1-16)"
+        echo "pretraining in \$RUN (a retry continues there)"
+    fi
     ${launcher} fm-train pathology \\
         --cohorts csv:${samplesheet} \\
         --tiles-dir tiles \\
         --tiled-only \\
         --set pathology.tile_px=${params.tile_px} \\
         --set pathology.target_mpp=${params.target_mpp} \\
-        --output-dir pretrain \\
+        --output-dir "\$RUN" \\
         --devices ${params.pretrain_devices} \\
         --nodes ${params.pretrain_nodes} \\
         --strategy ${params.pretrain_strategy} \\
         --num-workers ${task.cpus} \\
         ${config_arg} ${steps_arg} ${args} ${tracking_arg}
+    if [ "\$RUN" != pretrain ]; then
+        mkdir -p pretrain/export
+        cp "\$RUN/export/teacher.safetensors" pretrain/export/teacher.safetensors
+    fi
     """
 
     stub:
