@@ -107,14 +107,14 @@ def import_runs(roots: Sequence[str | Path], tracking_uri: str | None = None) ->
     Parents are created before their children; a run already imported (marker file) is skipped."""
     from mlflow.entities import Metric, Param, RunTag
 
-    from fm.tracking import NO_TRACKING, _client, _experiment_id, resolve_tracking_uri
+    from fm.tracking_store import NO_TRACKING, experiment_id_for, resolve_tracking_uri, store_client
 
     uri = resolve_tracking_uri(tracking_uri)
     if uri == NO_TRACKING:
         raise ValueError("fm-track import needs a real MLflow store, not 'none': pass --tracking-uri URI")
     if uri.startswith(OFFLINE_SCHEME):
         raise ValueError("fm-track import needs a real MLflow store: pass --tracking-uri (or unset FM_TRACKING_DIR)")
-    client = _client(uri)
+    client = store_client(uri)
     runs = {d.name: (d, json.loads((d / "meta.json").read_text())) for d in _run_dirs(roots)}
     mapping: dict[str, str] = {}
 
@@ -133,7 +133,7 @@ def import_runs(roots: Sequence[str | Path], tracking_uri: str | None = None) ->
         tags = dict(meta["tags"])
         if tags.get(PARENT_TAG) in mapping:
             tags[PARENT_TAG] = mapping[tags[PARENT_TAG]]
-        exp = _experiment_id(client, uri, meta["experiment"])
+        exp = experiment_id_for(client, uri, meta["experiment"])
         new = client.create_run(exp, tags=tags, run_name=meta["run_name"], start_time=meta["start_time"]).info.run_id
         records = []
         if (d / "records.jsonl").is_file():

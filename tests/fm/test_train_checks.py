@@ -84,7 +84,7 @@ def test_the_probe_passes_any_server_that_answers():
     import http.server
     import threading
 
-    from fm.tracking import _probe_server
+    from fm.tracking_store import probe_server
 
     class NotFound(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (the handler API)
@@ -97,7 +97,7 @@ def test_the_probe_passes_any_server_that_answers():
     server = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        _probe_server(f"http://127.0.0.1:{server.server_port}/some/prefix")
+        probe_server(f"http://127.0.0.1:{server.server_port}/some/prefix")
     finally:
         server.shutdown()
 
