@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -61,9 +62,10 @@ def shard_of(records: list[SlideRecord], shard: str | None) -> list[SlideRecord]
     return sorted(records, key=lambda r: r.slide_id)[index::count]
 
 
-def _tile_missing(missing: list[SlideRecord], tiles_dir: Path, tiling: dict,
-                  setting: tuple[int, float]) -> dict[str, str]:
-    """Tile slides without coords.h5 at `setting`; returns slide_id -> reason for those that failed."""
+def _tile_missing(missing: list[SlideRecord], tiles_dir: Path, tiling: dict, setting: tuple[int, float],
+                  tiled: Iterable[str] = ()) -> dict[str, str]:
+    """Tile slides without coords.h5 at `setting` (and the threshold of the cohort's slides already
+    `tiled`); returns slide_id -> reason for those that failed."""
     if not missing:
         return {}
     from pathology.tile_setting import resolve_min_tissue
@@ -71,7 +73,7 @@ def _tile_missing(missing: list[SlideRecord], tiles_dir: Path, tiling: dict,
     from pathology.tissue import TissueParams
 
     params = {**tiling_defaults(), **{k: v for k, v in tiling.items() if v is not None}}
-    min_tissue = resolve_min_tissue(tiles_dir, tiling.get("min_tissue"))  # the folder's, as its setting
+    min_tissue = resolve_min_tissue(tiles_dir, tiling.get("min_tissue"), tiled)  # the cohort's, as its setting
     print(f"tiling {len(missing)} slide(s) first into {tiles_dir} ({setting[0]} px at {setting[1]} um/px, "
           f"--min-tissue {min_tissue:g})")
     table = tile_cohort(missing, tiles_dir, tile_px=setting[0], target_mpp=setting[1],
@@ -105,7 +107,7 @@ def plan_extraction(records: list[SlideRecord], tiles_dir: Path, output_dir: Pat
                                                     [setting_of(attrs) for _, attrs in found.values()])
     unreadable = {row["slide_id"] for row in rows}
     missing = [r for r in records if r.slide_id not in found and r.slide_id not in unreadable]
-    not_tiled = _tile_missing(missing, tiles_dir, tiling, (tile_px, target_mpp))
+    not_tiled = _tile_missing(missing, tiles_dir, tiling, (tile_px, target_mpp), found)
     found |= _read_tilings([r for r in missing if r.slide_id not in not_tiled], tiles_dir, rows)
     recorded = {row["slide_id"] for row in rows}
     for record in missing:

@@ -61,10 +61,11 @@ def prepare(args: argparse.Namespace) -> dict:
     if args.workers is not None:
         params["workers"] = args.workers
     out = Path(args.output_dir)
-    params["min_tissue"] = resolve_min_tissue(out, args.min_tissue)  # like the setting: the folder's by default
     # a rerun, or new slides, without the flags keep the folder's setting; flags that contradict it are refused
     (params["tile_px"], params["target_mpp"]), source = resolve_setting(out, args.tile_px, args.target_mpp)
     records = select_slides(args, ["demo"] if not args.cohorts else [])
+    # the threshold likewise: by default the one the cohort's (else the folder's) tiles were made with
+    params["min_tissue"] = resolve_min_tissue(out, args.min_tissue, [r.slide_id for r in records])
     if args.tile_px is not None or args.target_mpp is not None:  # --overwrite re-tiles this cohort's slides only
         refuse_other_setting(out, (params["tile_px"], params["target_mpp"]), source,
                              "re-tile those (fm-prepare --slides ... --overwrite with these flags), or use another "

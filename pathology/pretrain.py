@@ -60,8 +60,10 @@ def train(args: argparse.Namespace) -> dict:
     p = cfg["pathology"]
     tiles_dir = Path(p["tiles_dir"] or Path(cfg["train"]["output_dir"]) / "tiles")
     records = select_slides(args, p["cohorts"], p["data_root"], p["projects"], p["mpp"])
+    p["min_tissue"] = resolve_min_tissue(tiles_dir, p["min_tissue"], [r.slide_id for r in records],
+                                         "pathology.min_tissue")  # recorded with the run's config
     params = {**tiling_defaults(), "tile_px": p["tile_px"], "target_mpp": p["target_mpp"],
-              "min_tissue": resolve_min_tissue(tiles_dir, p["min_tissue"]), "workers": p["tiling_workers"]}
+              "min_tissue": p["min_tissue"], "workers": p["tiling_workers"]}
     setting = (int(p["tile_px"]), float(p["target_mpp"]))
     refuse_other_setting(tiles_dir, setting, "the config (pathology.tile_px, pathology.target_mpp)",
                          "set them to the folder's (--set pathology.tile_px=... --set pathology.target_mpp=...), "

@@ -5,9 +5,10 @@ every slide at it, and a rerun or a grown cohort must not switch it and strand t
 setting of a run comes from the flags (or config) where given, else from the tiles already in the folder,
 else from the tiling defaults; a request that contradicts the folder is refused by name.
 
-The tissue threshold (`--min-tissue`) follows the folder the same way, so slides added later (by
-fm-extract or fm-train tiling what is missing) are selected like the ones there; a different threshold
-breaks nothing downstream, so asking for one is not refused: slides already tiled keep theirs, and say so.
+The tissue threshold (`--min-tissue`) follows the tiles the same way (the run's own slides first, then
+the folder's), so slides added later (by fm-extract or fm-train tiling what is missing) are selected like
+the ones there; a different threshold breaks nothing downstream, so asking for one is not refused: slides
+already tiled keep theirs, and say so.
 """
 
 from __future__ import annotations
@@ -54,23 +55,42 @@ def folder_settings(tiles_dir: Path, by_slide: dict | None = None) -> Counter:
     return settings
 
 
-def folder_min_tissue(tiles_dir: Path) -> float | None:
-    """The tissue threshold most slides of `tiles_dir` were tiled with (None: no readable tiles)."""
-    found: Counter = Counter()
-    for coords_path in Path(tiles_dir).glob(f"*/{COORDS_NAME}"):
-        try:
-            with h5py.File(coords_path, "r") as f:
-                found[float(f["coords"].attrs["min_tissue"])] += 1
-        except (OSError, KeyError):
-            continue
-    return found.most_common(1)[0][0] if found else None
+def _min_tissue_of(coords_path: Path) -> float | None:
+    try:
+        with h5py.File(coords_path, "r") as f:
+            return float(f["coords"].attrs["min_tissue"])
+    except (OSError, KeyError):
+        return None
 
 
-def resolve_min_tissue(tiles_dir: Path, asked: float | None) -> float:
-    """The tissue threshold of a run: the one asked for, else the folder's, else the tiling default."""
+def _most_common(values: Iterable[float | None]) -> float | None:
+    """The most frequent value; a tie goes to the stricter (larger) threshold, whatever the listing order."""
+    counts = Counter(v for v in values if v is not None)
+    return max(counts, key=lambda v: (counts[v], v)) if counts else None
+
+
+def check_min_tissue(value: float, where: str = "--min-tissue") -> float:
+    """`value` as a tissue fraction in [0, 1], or a one-line error naming `where`."""
+    try:
+        fraction = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} must be a tissue fraction between 0 and 1, got {value!r}") from None
+    if isinstance(value, bool) or not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"{where} must be a tissue fraction between 0 and 1, got {value!r}")
+    return fraction
+
+
+def resolve_min_tissue(tiles_dir: Path, asked: float | None, slide_ids: Iterable[str] = (),
+                       where: str = "--min-tissue") -> float:
+    """The tissue threshold of a run: the one asked for; else the one most of the run's own slides
+    (`slide_ids`) already in `tiles_dir` were tiled with, else most of the folder's (a folder may hold
+    several cohorts), else the tiling default."""
     if asked is not None:
-        return float(asked)
-    held = folder_min_tissue(tiles_dir)
+        return check_min_tissue(asked, where)
+    tiles_dir = Path(tiles_dir)
+    held = _most_common(_min_tissue_of(tiles_dir / sid / COORDS_NAME) for sid in slide_ids)
+    if held is None:
+        held = _most_common(_min_tissue_of(path) for path in tiles_dir.glob(f"*/{COORDS_NAME}"))
     return float(held if held is not None else tiling_defaults()["min_tissue"])
 
 

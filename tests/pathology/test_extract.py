@@ -192,6 +192,12 @@ def test_a_grown_cohort_keeps_the_tile_setting_of_its_tiles(cmu_slide, tiny_hf, 
                            tiling=dict(tile_px=None, target_mpp=None))
     assert table["status"].tolist() == ["ok"] and read_coords(tiles / "d" / "coords.h5")[1]["patch_size"] == 64
 
+    # another cohort in the same folder tiled with another threshold: a slide added to it takes its own
+    table = extract_cohort([SlideRecord(f"o{i}", cmu_slide, f"O{i}", "test") for i in range(5)], tiles, out,
+                           encoder, workers=0, tiling=dict(min_tissue=0.5))
+    table = extract_cohort([SlideRecord("a", cmu_slide, "P0", "test"), SlideRecord("e", cmu_slide, "P4", "test")],
+                           tiles, out, encoder, workers=0, tiling=dict(tile_px=None, target_mpp=None))
+    assert read_coords(tiles / "e" / "coords.h5")[1]["min_tissue"] == 0.3
 
 def test_a_plan_stopped_halfway_leaves_no_lock(cmu_cohort, tiny_hf, tmp_path, monkeypatch):
     from pathology import extract_plan

@@ -78,7 +78,7 @@ def test_pretraining_reads_the_cohorts_own_slide_paths_and_one_tile_setting(test
 
     got = {}
     monkeypatch.setattr(pretrain, "run_pretraining", lambda cfg, source, transform, artifacts: got.update(
-        source=source) or SimpleNamespace(export="none", run_id="none"))
+        source=source, cfg=cfg) or SimpleNamespace(export="none", run_id="none"))
     (tmp_path / "slides").mkdir()
     shutil.copy(test_slides["x20"], tmp_path / "slides" / "x20.tif")
     shutil.copy(test_slides["background"], tmp_path / "slides" / "empty.tif")
@@ -98,6 +98,9 @@ def test_pretraining_reads_the_cohorts_own_slide_paths_and_one_tile_setting(test
              "--output-dir", str(tmp_path / "run")]
     invoke("train", [*train, "--cohorts", f"csv:{tmp_path / 'sub' / 'c.csv'}"])
     assert got["source"].get(0).shape == (3, 64, 64) and got["source"].skipped.keys == set()
+    assert got["cfg"]["pathology"]["min_tissue"] == 0.3  # the threshold of its tiles, recorded with the run
+    with pytest.raises(ValueError, match=r"pathology.min_tissue must be a tissue fraction .* got True"):
+        invoke("train", [*train, "--cohorts", f"csv:{tmp_path / 'sub' / 'c.csv'}", "--set", "pathology.min_tissue=true"])
 
     with pytest.raises(UserError, match=r"1 slide\(s\) at 64 px at 1 um/px.*pathology.tile_px"):
         invoke("train", [*train, "--cohorts", f"csv:{tmp_path / 'sub' / 'c.csv'}", "--set", "pathology.tile_px=224"])
@@ -122,7 +125,7 @@ def test_tiled_only_trains_on_the_tiled_slides_and_tiles_none(test_slides, tmp_p
 
     got = {}
     monkeypatch.setattr(pretrain, "run_pretraining", lambda cfg, source, transform, artifacts: got.update(
-        source=source) or SimpleNamespace(export="none", run_id="none"))
+        source=source, cfg=cfg) or SimpleNamespace(export="none", run_id="none"))
     cohort = tmp_path / "c.csv"
     pd.DataFrame(dict(slide_path=[str(test_slides["x20"]), str(test_slides["x40"])], slide_id=["x20", "x40"],
                       patient_id=["p1", "p2"])).to_csv(cohort, index=False)

@@ -15,6 +15,7 @@ from PIL import Image
 
 from pathology.cohorts import SlideRecord
 from pathology.slides import open_slide, read_tile
+from pathology.tile_setting import resolve_min_tissue
 from pathology.tiling import (
     FAILED,
     LOCKED,
@@ -362,6 +363,27 @@ def test_the_tissue_threshold_follows_the_folder_and_another_one_is_reported(tes
     assert len(read_coords(out / "x40" / "coords.h5")[0]) < n_loose  # a stricter threshold keeps fewer tiles
     invoke("prepare", ["pathology", "--cohorts", grown, "--output-dir", str(out)])
     assert "another --min-tissue" not in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"--min-tissue must be a tissue fraction between 0 and 1, got 1.5"):
+        invoke("prepare", ["pathology", "--cohorts", grown, "--output-dir", str(out), "--min-tissue", "1.5"])
+
+
+def test_a_cohort_keeps_its_own_threshold_in_a_folder_shared_with_others(test_slides, tmp_path):
+    """One tiles folder, two cohorts: new slides of cohort Y take Y's threshold, not the majority's."""
+    from fm.cli import invoke
+
+    out = tmp_path / "tiles"
+    cohort_x = _csv_cohort(tmp_path / "x.csv", {f"x{i}": test_slides["x20"] for i in range(3)})
+    invoke("prepare", ["pathology", "--cohorts", cohort_x, "--output-dir", str(out)])  # 3 slides at 0.6
+    two = {f"y{i}": test_slides["x40"] for i in range(2)}
+    invoke("prepare", ["pathology", "--cohorts", _csv_cohort(tmp_path / "y.csv", two), "--output-dir", str(out),
+                       "--min-tissue", "0.3"])
+    grown = _csv_cohort(tmp_path / "y3.csv", {**two, "y2": test_slides["x40"]})
+    invoke("prepare", ["pathology", "--cohorts", grown, "--output-dir", str(out)])
+    assert float(read_coords(out / "y2" / "coords.h5")[1]["min_tissue"]) == 0.3
+    # a new cohort holding none of the tiles: the folder's most common threshold
+    assert resolve_min_tissue(out, None, ["z0"]) == 0.6
+    # a tie goes to the stricter threshold, whatever order the folder lists its slides in
+    assert resolve_min_tissue(out, None, ["x0", "y0"]) == 0.6
 
 
 def test_a_failed_overwrite_leaves_no_old_outputs_looking_done(test_slides, tmp_path):
