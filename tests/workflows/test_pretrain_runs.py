@@ -46,6 +46,8 @@ def pathology_inputs(tmp_path: Path, slides: tuple[str, ...] = ("A", "B")) -> di
     tiles = []
     for s in slides:
         (tmp_path / "tiles" / s).mkdir(parents=True, exist_ok=True)
+        if not (tmp_path / "tiles" / s / "coords.h5").exists():
+            (tmp_path / "tiles" / s / "coords.h5").write_bytes(f"coords of {s}".encode())
         tiles.append(tmp_path / "tiles" / s)
     return dict(samplesheet=sheet, tile_dirs=tiles, config=[])
 
@@ -89,6 +91,38 @@ def test_a_pretraining_asked_otherwise_does_not_continue_another_run(tmp_path, c
     assert run_folder(task) != run_folder(base) and attempts(task) == ["fresh"]
 
 
+def test_the_same_slides_with_other_contents_do_not_continue_another_run(tmp_path):
+    """Re-tiled slides (another --min_tissue, --mpp, an edited slide), another samplesheet or another
+    config under the same names: the digest is of file contents, so a run of its own."""
+    runner = make_runner(tmp_path)
+    runs = pretrain_runs_dir(runner.params)
+    inputs = pathology_inputs(tmp_path)
+    base = run_folder(runner.run("PATHOLOGY_PRETRAIN", **inputs, runs_dir=runs))
+    (tmp_path / "tiles" / "A" / "coords.h5").write_bytes(b"coords of A, re-tiled")
+    retiled = runner.run("PATHOLOGY_PRETRAIN", **inputs, runs_dir=runs)
+    inputs["samplesheet"].write_text(inputs["samplesheet"].read_text().replace("PA,", "P-other,"))
+    resheet = runner.run("PATHOLOGY_PRETRAIN", **inputs, runs_dir=runs)
+    config = tmp_path / "config.yaml"
+    config.write_text("train: {max_steps: 10}\n")
+    configured = runner.run("PATHOLOGY_PRETRAIN", **{**inputs, "config": config}, runs_dir=runs)
+    config.write_text("train: {max_steps: 20}\n")
+    reconfigured = runner.run("PATHOLOGY_PRETRAIN", **{**inputs, "config": config}, runs_dir=runs)
+    folders = [base, *(run_folder(t) for t in (retiled, resheet, configured, reconfigured))]
+    assert len(set(folders)) == 5 and all(attempts(t) == ["fresh"] for t in (retiled, resheet, configured, reconfigured))
+
+
+def test_the_runs_folder_is_per_session_in_both_pipelines():
+    """`pretrainRunsDir()` in the .nf files (mirrored by pretrain_runs_dir above): a new `nextflow run` is
+    another session and must not continue the last one's finished run."""
+    for name in ("pathology.nf", "earthobs.nf"):
+        text = (WORKFLOWS / name).read_text()
+        body = text[text.index("def pretrainRunsDir()"):]
+        body = body[: body.index("\n}\n")]
+        assert "params.pretrain_resume" in body and "params.pretrain_runs_dir" in body, name
+        assert body.rstrip().endswith('return "${file(base).toAbsolutePath()}/${workflow.sessionId}"'), name
+        assert "pretrainRunsDir())" in text, f"{name} does not pass the runs folder to PRETRAIN"
+
+
 def test_without_pretrain_resume_every_attempt_trains_in_its_task_folder(tmp_path):
     runner = make_runner(tmp_path, pretrain_resume=False)
     runs = pretrain_runs_dir(runner.params)
@@ -107,3 +141,13 @@ def test_a_retried_earthobs_pretraining_continues_too(tmp_path):
     other = make_runner(tmp_path, pretrain_data="demo", modality="s1")
     task = other.run("EARTHOBS_PRETRAIN", **inputs)
     assert run_folder(task) != run_folder(first) and attempts(task) == ["fresh"]
+    # the same file names with other contents: labels, config, initial weights
+    folders = {run_folder(first)}
+    for name in ("labels", "config", "init_weights"):
+        for content in ("one", "two"):
+            path = tmp_path / f"{name}.input"
+            path.write_text(content)
+            task = runner.run("EARTHOBS_PRETRAIN", **{**inputs, name: path})
+            assert attempts(task) == ["fresh"], (name, content)
+            folders.add(run_folder(task))
+    assert len(folders) == 1 + 6

@@ -31,7 +31,7 @@ process EARTHOBS_PRETRAIN {
     ${tracking_env}
     RUN=pretrain
     if [ -n "${runs_dir}" ]; then
-        RUN="${runs_dir}/earthobs-\$( (sha256sum ${labels} ${config} ${init_weights} </dev/null; echo "${params.modality} ${params.pretrain_data} ${params.pretrain_devices} ${params.pretrain_nodes} ${params.pretrain_strategy} ${init_arg} ${steps_arg} ${args}") | sha256sum | cut -c1-16)"
+        RUN="${runs_dir}/earthobs-\$( (export LC_ALL=C; sha256sum ${labels} ${config} ${init_weights} </dev/null; echo "${params.modality} ${params.pretrain_data} ${params.pretrain_devices} ${params.pretrain_nodes} ${params.pretrain_strategy} ${init_arg} ${steps_arg} ${args}") | sha256sum | cut -c1-16)"
         echo "pretraining in \$RUN (a retry continues there)"
     fi
     ${launcher} fm-train earthobs \\
@@ -45,7 +45,7 @@ process EARTHOBS_PRETRAIN {
         ${init_arg} ${weights_arg} ${labels_arg} ${config_arg} ${steps_arg} ${args} ${tracking_arg}
     if [ "\$RUN" != pretrain ]; then
         mkdir -p pretrain/export
-        cp "\$RUN/export/teacher.safetensors" pretrain/export/teacher.safetensors
+        cp -r "\$RUN/export/." pretrain/export/
     fi
     """
 

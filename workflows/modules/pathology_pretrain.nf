@@ -6,9 +6,10 @@
  * On SLURM, conf/slurm.config requests --nodes/--ntasks-per-node/--gres and sets ext.launcher to
  * `srun`, which starts one process per GPU; Lightning reads the SLURM variables from there.
  * Resumable: with `runs_dir` (the workflow's --pretrain_runs_dir/<session id>), fm-train runs in a folder
- * of it named by a digest of the task's inputs, so a retried task (killed for time or memory), or the
- * same task after `-resume`, continues from its last checkpoint instead of step 0; the teacher is then
- * copied into the task folder. `--num-workers` is left out of the digest: it may grow with the attempt.
+ * of it named by a digest of the task's inputs (file contents, the tiles' coords.h5 among them), so a
+ * retried task (killed for time or memory), or the same task after `-resume`, continues from its last
+ * checkpoint instead of step 0; the exports are then copied into the task folder. `--num-workers` is
+ * left out of the digest: it may grow with the attempt.
  */
 process PATHOLOGY_PRETRAIN {
     label 'process_gpu_multi'
@@ -35,7 +36,7 @@ process PATHOLOGY_PRETRAIN {
     ${tracking_env}
     RUN=pretrain
     if [ -n "${runs_dir}" ]; then
-        RUN="${runs_dir}/pathology-\$( (sha256sum ${samplesheet} ${config}; LC_ALL=C ls tiles; echo "${params.tile_px} ${params.target_mpp} ${params.pretrain_devices} ${params.pretrain_nodes} ${params.pretrain_strategy} ${steps_arg} ${args}") | sha256sum | cut -c1-16)"
+        RUN="${runs_dir}/pathology-\$( (export LC_ALL=C; sha256sum ${samplesheet} ${config} tiles/*/coords.h5; echo "${params.tile_px} ${params.target_mpp} ${params.pretrain_devices} ${params.pretrain_nodes} ${params.pretrain_strategy} ${steps_arg} ${args}") | sha256sum | cut -c1-16)"
         echo "pretraining in \$RUN (a retry continues there)"
     fi
     ${launcher} fm-train pathology \\
@@ -52,7 +53,7 @@ process PATHOLOGY_PRETRAIN {
         ${config_arg} ${steps_arg} ${args} ${tracking_arg}
     if [ "\$RUN" != pretrain ]; then
         mkdir -p pretrain/export
-        cp "\$RUN/export/teacher.safetensors" pretrain/export/teacher.safetensors
+        cp -r "\$RUN/export/." pretrain/export/
     fi
     """
 
