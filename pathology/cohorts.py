@@ -197,18 +197,41 @@ def _csv_mpp(value, path: Path, slide_id) -> float | None:
     return mpp
 
 
+def read_csv_table(path: Path, error: type[Exception], what: str, **kwargs) -> pd.DataFrame:
+    """`pd.read_csv`, with a file that is no readable CSV (another encoding, broken quoting, empty)
+    reported in one line that names it."""
+    try:
+        return pd.read_csv(path, **kwargs)
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise error(f"{what} {path}: not a readable CSV file ({type(err).__name__}: {err}); "
+                    "save it as a comma-separated UTF-8 file") from None
+
+
 def read_csv_cohort(path: str | os.PathLike, cohort: str | None = None) -> list[SlideRecord]:
     """A user cohort CSV; relative slide paths are relative to the CSV; other columns are labels."""
     path = Path(path)
     if not path.is_file():
         raise CohortError(f"cohort CSV {path} not found")
-    table = pd.read_csv(path)
+    # ids are text ("001" is not 1), and a blank id is no id (not the text "nan")
+    table = read_csv_table(path, CohortError, "cohort CSV", dtype={c: str for c in REQUIRED_CSV_COLUMNS})
     missing = [c for c in REQUIRED_CSV_COLUMNS if c not in table.columns]
     if missing:
         raise CohortError(
             f"cohort CSV {path} lacks column(s) {missing}; required: {list(REQUIRED_CSV_COLUMNS)}, "
             f"optional: mpp and label columns; found {list(table.columns)}"
         )
+    for column in REQUIRED_CSV_COLUMNS:
+        table[column] = table[column].str.strip().mask(lambda ids: ids == "")
+    for column in ("slide_id", "slide_path"):
+        blank = table.index[table[column].isna()]
+        if len(blank):
+            lines = ", ".join(str(i + 2) for i in blank[:5]) + (", ..." if len(blank) > 5 else "")
+            raise CohortError(f"cohort CSV {path}: no {column} on line(s) {lines}")
+    no_patient = table["patient_id"].isna()
+    if no_patient.any():  # as in the label tables (evaluation.cv): such a slide is a patient of its own
+        print(f"cohort CSV {path}: {int(no_patient.sum())} slide(s) without a patient_id are each taken as their "
+              f"own patient (e.g. {table.loc[no_patient, 'slide_id'].iloc[0]})")
+        table.loc[no_patient, "patient_id"] = table.loc[no_patient, "slide_id"]
     duplicated = table["slide_id"][table["slide_id"].duplicated()].tolist()
     if duplicated:
         raise CohortError(f"cohort CSV {path}: duplicated slide_id values {duplicated[:5]}")

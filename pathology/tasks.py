@@ -23,7 +23,7 @@ from pathlib import Path
 import h5py
 import pandas as pd
 
-from pathology.cohorts import SlideRecord, parse_tcga_barcode
+from pathology.cohorts import SlideRecord, parse_tcga_barcode, read_csv_table
 
 BUILTIN_TASKS = ("tcga-nsclc", "tcga-brca", "demo")
 DEFAULT_COHORT = {"tcga-nsclc": "tcga", "tcga-brca": "tcga", "demo": "demo"}
@@ -104,11 +104,14 @@ def read_label_table(path: str | os.PathLike, flag: str = "--labels") -> pd.Data
     path = Path(path)
     if not path.is_file():
         raise TaskError(f"{flag} {path}: file not found")
-    table = pd.read_csv(path, dtype={"slide_id": str, "patient_id": str})
+    table = read_csv_table(path, TaskError, flag, dtype={"slide_id": str, "patient_id": str})
     if "label" not in table.columns or not {"slide_id", "patient_id"} & set(table.columns):
         raise TaskError(f"{flag} {path}: needs a `label` column and a `slide_id` or `patient_id` column; "
                         f"found {list(table.columns)}")
     key = "slide_id" if "slide_id" in table.columns else "patient_id"
+    if key == "slide_id" and table["slide_id"].duplicated().any():
+        twice = table.loc[table["slide_id"].duplicated(), "slide_id"].unique().tolist()
+        raise TaskError(f"{flag} {path}: slide_id(s) on more than one row: {_show(twice)}")
     empty = table.loc[table["label"].isna(), key].tolist()
     if empty:
         raise TaskError(f"{flag} {path}: rows without a label for {key} {_show(empty)}")

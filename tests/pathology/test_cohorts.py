@@ -205,3 +205,22 @@ def test_a_csv_mpp_that_is_not_a_number_names_the_file_and_slide(tmp_path):
                       mpp=["0.25", "abc"])).to_csv(tmp_path / "c.csv", index=False)
     with pytest.raises(CohortError, match=r"c\.csv: slide b: mpp 'abc' is not a positive number"):
         read_csv_cohort(tmp_path / "c.csv")
+
+
+def test_csv_cohort_ids_are_text_and_blank_cells_are_not_ids(tmp_path, capsys):
+    """`001` stays `001` (a label table naming it must still match), a blank slide id or path is refused
+    by line, a slide without a patient id is its own patient (not one patient "nan" for all)."""
+    csv = tmp_path / "c.csv"
+    csv.write_text("slide_id,patient_id,slide_path\n001,007,a.svs\n 002 ,,b.svs\n003,,c.svs\n")
+    records = read_csv_cohort(csv)
+    assert [(r.slide_id, r.patient_id) for r in records] == [("001", "007"), ("002", "002"), ("003", "003")]
+    assert "2 slide(s) without a patient_id are each taken as their own patient" in capsys.readouterr().out
+    csv.write_text("slide_id,patient_id,slide_path\n001,P1,a.svs\n,P2,b.svs\n")
+    with pytest.raises(CohortError, match=r"c.csv: no slide_id on line\(s\) 3"):
+        read_csv_cohort(csv)
+    csv.write_text("slide_id,patient_id,slide_path\n001,P1,a.svs\n002,P2, \n")
+    with pytest.raises(CohortError, match=r"c.csv: no slide_path on line\(s\) 3"):
+        read_csv_cohort(csv)
+    csv.write_bytes("slide_id,patient_id,slide_path\n001,P1,caf\xe9.svs\n".encode("latin-1"))
+    with pytest.raises(CohortError, match=r"cohort CSV .*c.csv: not a readable CSV file"):
+        read_csv_cohort(csv)

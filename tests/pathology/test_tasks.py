@@ -98,6 +98,7 @@ def test_patient_level_csv_expands_over_the_feature_files(tmp_path):
         (pd.DataFrame({"patient_id": ["p1", "p1"], "label": ["x", "y"]}), "more than one label: p1"),
         (pd.DataFrame({"slide_id": ["a", "b"], "label": ["x", None]}), "without a label for slide_id b"),
         (pd.DataFrame({"patient_id": ["q1", "q2"], "label": ["x", "y"]}), "none of its 2 patients has a slide"),
+        (pd.DataFrame({"slide_id": ["a", "b", "a"], "label": ["x", "y", "y"]}), "on more than one row: a"),
     ],
 )
 def test_bad_task_tables_get_clear_errors(tmp_path, table, message):
@@ -137,3 +138,11 @@ def test_an_external_cohort_without_projects_is_pointed_at_test_labels():
     with pytest.raises(TaskError, match="external cohort.*--test-labels CSV") as err:
         task_labels("tcga-nsclc", external, external=True)
     assert "--cohorts" not in str(err.value)
+
+
+def test_a_label_file_that_is_no_csv_is_named_in_one_line(tmp_path):
+    latin1 = tmp_path / "labels.csv"
+    latin1.write_bytes("slide_id,label\na,caf\xe9\nb,th\xe9\n".encode("latin-1"))
+    slides = pd.DataFrame({"slide_id": ["a", "b"], "patient_id": ["p1", "p2"]})
+    with pytest.raises(TaskError, match=rf"{latin1}: not a readable CSV file \(UnicodeDecodeError.*UTF-8"):
+        build_task(f"csv:{latin1}", slides)
