@@ -18,6 +18,7 @@ from fm.domains import Command, Domain
 from fm.train_args import add_train_args, apply_train_flags
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
+MIN_TILE_PX = 16  # smaller tiles hold too little tissue to embed (and 0 divides by zero in tiling)
 FEATURE_KINDS = ("cls", "cls+mean")  # here, not in pathology.extract, so the parser needs no torch
 
 
@@ -26,7 +27,7 @@ def add_cohort_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cohorts", help="comma-separated: tcga, csv:PATH, demo (built-in generated slides)")
     g.add_argument("--data-root", help="folder with the slides (tcga: scanned, GDC layout accepted)")
     g.add_argument("--projects", help="TCGA project filter, e.g. TCGA-LUAD,TCGA-LUSC")
-    g.add_argument("--mpp", type=float, help="microns per pixel for slides whose files lack it")
+    g.add_argument("--mpp", type=_positive_float, help="microns per pixel for slides whose files lack it")
     g.add_argument("--slides", help="only these slide ids (comma-separated), e.g. one per Nextflow task")
 
 
@@ -34,9 +35,9 @@ def add_cohort_args(p: argparse.ArgumentParser) -> None:
 def _add_prepare_args(p: argparse.ArgumentParser) -> None:
     add_cohort_args(p)
     p.add_argument("--output-dir", required=False, default="fm-runs/tiles", help="tiles go to DIR/<slide_id>/")
-    p.add_argument("--tile-px", type=int, help="tile size in pixels (default 224)")
-    p.add_argument("--target-mpp", type=float, help="tile resolution in um/px (default 0.5, i.e. 20x)")
-    p.add_argument("--min-tissue", type=float,
+    p.add_argument("--tile-px", type=_int_at_least(MIN_TILE_PX), help="tile size in pixels (default 224)")
+    p.add_argument("--target-mpp", type=_positive_float, help="tile resolution in um/px (default 0.5, i.e. 20x)")
+    p.add_argument("--min-tissue", type=_fraction,
                    help="keep tiles with at least this tissue fraction (default: the folder's, else 0.6)")
     p.add_argument("--workers", type=int, help="slides tiled in parallel")
     p.add_argument("--overwrite", action="store_true", help="re-tile slides that are already done")
@@ -83,9 +84,9 @@ def add_extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="re-extract slides that already have features")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first bad slide (default: record, go on)")
     g = p.add_argument_group("tiling of slides not tiled yet (defaults: pathology/configs/tiling.yaml)")
-    g.add_argument("--tile-px", type=int)
-    g.add_argument("--target-mpp", type=float)
-    g.add_argument("--min-tissue", type=float)
+    g.add_argument("--tile-px", type=_int_at_least(MIN_TILE_PX))
+    g.add_argument("--target-mpp", type=_positive_float)
+    g.add_argument("--min-tissue", type=_fraction)
 
 
 # -- fm-eval pathology <task> -----------------------------------------------------------------
@@ -111,6 +112,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction between 0 and 1, got {text}")
     return value
 
 

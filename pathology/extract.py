@@ -72,6 +72,10 @@ class FeatureEncoder:
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)  # pinned memory and kernels on this process's GPU
         loaded = loaded or load_encoder(name, weights)
+        bands = int(loaded.spec.backbone.in_chans)
+        if bands != 3:
+            raise UserError(f"--encoder {name} takes {bands}-band images, but slide tiles are RGB: use an RGB "
+                            "encoder (e.g. pathology/phikon-v2, dinov2/vitl14, or an fm-train pathology export)")
         self.backbone = loaded.backbone.to(self.device).eval().requires_grad_(False)
         is_file = loaded.weights_path is not None and loaded.spec.name == str(loaded.weights_path)
         self.name = str(Path(loaded.weights_path).resolve()) if is_file else loaded.spec.name

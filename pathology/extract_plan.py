@@ -83,9 +83,10 @@ def _tile_missing(missing: list[SlideRecord], tiles_dir: Path, tiling: dict, set
             if row.status not in (OK, OK_EMPTY, SKIPPED_DONE)}
 
 
-def _read_tilings(records: list[SlideRecord], tiles_dir: Path, rows: list[dict]) -> dict:
-    """slide_id -> (n tiles, coords attributes) of the slides tiled in `tiles_dir`; an unreadable tiling
-    output becomes a FAILED row."""
+def _read_tilings(records: list[SlideRecord], tiles_dir: Path, rows: list[dict] | None) -> dict:
+    """slide_id -> (n tiles, coords attributes) of the slides tiled in `tiles_dir`. An unreadable tiling
+    output becomes a FAILED row in `rows`; with `rows` None it is left out, to be tiled again (tiling
+    replaces an unreadable coords.h5)."""
     found = {}
     for record in records:
         coords_path = tiles_dir / record.slide_id / COORDS_NAME
@@ -94,7 +95,8 @@ def _read_tilings(records: list[SlideRecord], tiles_dir: Path, rows: list[dict])
         try:
             found[record.slide_id] = coords_attrs(coords_path)
         except (OSError, KeyError) as err:
-            rows.append(_record_row(record, FAILED, f"{coords_path}: unreadable tiling output ({err})"))
+            if rows is not None:
+                rows.append(_record_row(record, FAILED, f"{coords_path}: unreadable tiling output ({err})"))
     return found
 
 
@@ -102,11 +104,10 @@ def plan_extraction(records: list[SlideRecord], tiles_dir: Path, output_dir: Pat
                     overwrite: bool = False, tiling: dict | None = None) -> tuple[list[SlideJob], list[dict], dict]:
     """(jobs to run, with their locks held; manifest rows of slides not run; file attributes common to all)."""
     tiling, rows = tiling or {}, []
-    found = _read_tilings(records, tiles_dir, rows)
+    found = _read_tilings(records, tiles_dir, None)
     (tile_px, target_mpp), source = resolve_setting(tiles_dir, tiling.get("tile_px"), tiling.get("target_mpp"),
                                                     [setting_of(attrs) for _, attrs in found.values()])
-    unreadable = {row["slide_id"] for row in rows}
-    missing = [r for r in records if r.slide_id not in found and r.slide_id not in unreadable]
+    missing = [r for r in records if r.slide_id not in found]  # not tiled yet, or its coords.h5 is damaged
     not_tiled = _tile_missing(missing, tiles_dir, tiling, (tile_px, target_mpp), found)
     found |= _read_tilings([r for r in missing if r.slide_id not in not_tiled], tiles_dir, rows)
     recorded = {row["slide_id"] for row in rows}

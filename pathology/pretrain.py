@@ -11,7 +11,7 @@ import torch
 from fm.io import ItemLock
 from fm.train import multicrop_from_config, run_pretraining
 from pathology.augment import HEPhotometric
-from pathology.domain import apply_flags
+from pathology.domain import MIN_TILE_PX, apply_flags
 from pathology.prepare import print_other_min_tissue, select_slides, tile_slides
 from pathology.tile_dataset import TileStream
 from pathology.tile_setting import coords_attrs, refuse_other_setting, resolve_min_tissue
@@ -65,6 +65,9 @@ def train(args: argparse.Namespace) -> dict:
     params = {**tiling_defaults(), "tile_px": p["tile_px"], "target_mpp": p["target_mpp"],
               "min_tissue": p["min_tissue"], "workers": p["tiling_workers"]}
     setting = (int(p["tile_px"]), float(p["target_mpp"]))
+    if setting[0] < MIN_TILE_PX or not setting[1] > 0:
+        raise ValueError(f"pathology.tile_px must be at least {MIN_TILE_PX} and pathology.target_mpp above 0, "
+                         f"got {p['tile_px']} and {p['target_mpp']}")
     refuse_other_setting(tiles_dir, setting, "the config (pathology.tile_px, pathology.target_mpp)",
                          "set them to the folder's (--set pathology.tile_px=... --set pathology.target_mpp=...), "
                          "or use another --tiles-dir")

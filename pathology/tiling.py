@@ -180,8 +180,13 @@ def tile_slide(
 
     if not slide_id or slide_id in (".", "..") or "/" in slide_id or "\\" in slide_id:
         return result(FAILED, f"{slide_path}: slide_id {slide_id!r} cannot be a folder name")
-    def already_tiled() -> TilingResult:
+    def already_tiled() -> TilingResult | None:
+        """The outcome for a slide whose coords.h5 is there; None when that file is unreadable (a
+        damaged disk or copy): it is derived data, so the slide is tiled again."""
         n_tiles, mpp, setting, held_min_tissue = _done_summary(coords_path)
+        if n_tiles < 0:
+            log.warning("%s is unreadable: tiling %s again", coords_path, slide_id)
+            return None
         if setting is not None and setting != (int(tile_px), float(target_mpp)):
             return result(FAILED, f"{coords_path}: tiled at {setting[0]} px, {setting[1]:g} um/px, not the "
                           f"{tile_px} px, {target_mpp:g} um/px asked for; --overwrite re-tiles it", n_tiles, mpp)
@@ -190,18 +195,20 @@ def tile_slide(
                           "--overwrite re-tiles it", n_tiles, mpp)
         return result(SKIPPED_DONE, "already tiled", n_tiles, mpp)
 
-    if coords_path.exists() and not overwrite:
-        return already_tiled()
+    done = already_tiled() if coords_path.exists() and not overwrite else None
+    if done is not None:
+        return done
     lock = ItemLock(coords_path)
     with lock as got:
         if not got:
             return result(LOCKED, f"being tiled by {lock.holder()}")
-        if coords_path.exists() and not overwrite:  # finished by another process meanwhile
-            return already_tiled()
+        done = already_tiled() if coords_path.exists() and not overwrite else None
+        if done is not None:  # finished by another process meanwhile
+            return done
         remove_stale_temporaries(coords_path)
         remove_stale_temporaries(thumb_path)
-        if overwrite:  # the old outputs go first: a failed re-tiling must not leave them looking done
-            coords_path.unlink(missing_ok=True)
+        if overwrite or coords_path.exists():  # old (or unreadable) outputs go first: a failed re-tiling
+            coords_path.unlink(missing_ok=True)  # must not leave them looking done
             thumb_path.unlink(missing_ok=True)
         try:
             with open_slide(slide_path, mpp_override) as slide:

@@ -439,3 +439,29 @@ def test_prepare_and_extract_record_their_runs(cmu_slide, tiny_hf, tmp_path):
     assert [a.path for a in client.list_artifacts(prepared.info.run_id) if a.path.endswith(".csv")] == ["manifest.csv"]
     assert MANIFEST_NAME in [a.path for a in client.list_artifacts(extracted.info.run_id)]
     assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_a_damaged_tiling_output_is_tiled_again_and_extracted(cmu_slide, tiny_hf, tmp_path):
+    encoder = FeatureEncoder(str(tiny_hf), device="cpu")
+    tiles, out = tmp_path / "tiles", tmp_path / "features"
+    records = [SlideRecord("a", cmu_slide, "P0", "test")]
+    assert extract_cohort(records, tiles, out, encoder, workers=0)["status"].tolist() == ["ok"]
+    (tiles / "a" / "coords.h5").write_bytes(b"not hdf5")
+    (out / "a.h5").unlink()
+    table = extract_cohort(records, tiles, out, encoder, workers=0)
+    assert table["status"].tolist() == ["ok"] and read_coords(tiles / "a" / "coords.h5")[0].shape[0] > 0
+
+
+def test_a_multispectral_encoder_is_refused_in_one_line(tmp_path, capsys):
+    from fm.backbones import build_backbone
+    from fm.cli import extract_main
+    from fm.weights import save_fm_checkpoint
+
+    thirteen = build_backbone(dict(arch="vitt", patch_size=8, img_size=32, embed_dim=32, depth=1, num_heads=2,
+                                   in_chans=13))
+    path = save_fm_checkpoint(tmp_path / "eo.safetensors", thirteen, mean=[0.1] * 13, std=[0.2] * 13)
+    argv = ["pathology", "--cohorts", "demo", "--encoder", str(path), "--tiles-dir", str(tmp_path / "t"),
+            "--output-dir", str(tmp_path / "f"), "--device", "cpu", "--tracking-uri", "none"]
+    assert extract_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "takes 13-band images, but slide tiles are RGB" in err and "Traceback" not in err

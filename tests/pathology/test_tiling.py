@@ -364,7 +364,20 @@ def test_the_tissue_threshold_follows_the_folder_and_another_one_is_reported(tes
     invoke("prepare", ["pathology", "--cohorts", grown, "--output-dir", str(out)])
     assert "another --min-tissue" not in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"--min-tissue must be a tissue fraction between 0 and 1, got 1.5"):
-        invoke("prepare", ["pathology", "--cohorts", grown, "--output-dir", str(out), "--min-tissue", "1.5"])
+        resolve_min_tissue(out, 1.5)
+
+
+@pytest.mark.parametrize("flag, value, complaint", [
+    ("--tile-px", "0", "must be at least 16"), ("--target-mpp", "0", "must be a number > 0"),
+    ("--mpp", "-1", "must be a number > 0"), ("--min-tissue", "1.5", "must be a fraction between 0 and 1")])
+def test_nonsense_tiling_flags_are_refused_before_any_slide_is_read(tmp_path, capsys, flag, value, complaint):
+    """They failed every slide apart, each with a logged ZeroDivisionError traceback (--mpp 0 was ignored)."""
+    from fm.cli import prepare_main
+
+    with pytest.raises(SystemExit) as stop:
+        prepare_main(["pathology", "--cohorts", "demo", "--output-dir", str(tmp_path / "t"), flag, value])
+    assert stop.value.code == 2 and f"argument {flag}: {complaint}" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
 
 
 def test_a_cohort_keeps_its_own_threshold_in_a_folder_shared_with_others(test_slides, tmp_path):
@@ -409,3 +422,16 @@ def test_samplesheet_only_writes_the_cohort_and_tiles_nothing(test_slides, tmp_p
     assert not list(out.glob("*/coords.h5"))
     with pytest.raises(ValueError, match="--samplesheet-only needs --write-samplesheet"):
         invoke("prepare", ["pathology", "--cohorts", cohort, "--output-dir", str(out), "--samplesheet-only"])
+
+
+def test_a_damaged_coords_file_is_tiled_again_not_taken_as_done(test_slides, tmp_path):
+    """coords.h5 is derived data: when it cannot be read (a damaged disk or copy) a rerun re-tiles the slide
+    (it was `skipped_done`, and fm-extract then failed the slide with no way out but --overwrite of all)."""
+    out = tmp_path / "tiles"
+    assert tile_slide(test_slides["x20"], out, "s").status == OK
+    coords = read_coords(out / "s" / "coords.h5")[0]
+    data = (out / "s" / "coords.h5").read_bytes()
+    (out / "s" / "coords.h5").write_bytes(data[: len(data) // 3])
+    again = tile_slide(test_slides["x20"], out, "s")
+    assert again.status == OK and np.array_equal(read_coords(out / "s" / "coords.h5")[0], coords)
+    assert tile_slide(test_slides["x20"], out, "s").status == SKIPPED_DONE
