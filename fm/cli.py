@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from fm.config import ConfigError, dump, resolve_config
 from fm.domains import Command, Domain, load_domains
@@ -148,23 +148,29 @@ def _log_summary(run, result) -> None:
         run.log_artifact(result["manifest"])
 
 
-def _run(verb: str, argv: Sequence[str] | None) -> int:
+def run_reporting(prog: str, call: Callable[[], object]) -> int:
+    """Run `call` as the command `prog`: bad input ends in one line on stderr and exit status 2, not a
+    traceback; SIGTERM ends it cleanly, saying how to resume."""
     try:
         with sigterm_exits():  # a killed job still releases its locks and writes its manifest
-            invoke(verb, argv)
+            call()
     except (UserError, ConfigError, ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError,
             IsADirectoryError, PermissionError) as e:  # bad input; other OSErrors (I/O, network) keep their traceback
         if os.environ.get("FM_DEBUG"):
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"fm-{verb}: error: {msg}\n(set FM_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(f"{prog}: error: {msg}\n(set FM_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
     except SystemExit as e:
         if e.code == TERMINATED:
-            print(f"fm-{verb}: terminated (SIGTERM): finished outputs are kept; run the same command again to "
+            print(f"{prog}: terminated (SIGTERM): finished outputs are kept; run the same command again to "
                   "resume", file=sys.stderr)
         raise
     return 0
+
+
+def _run(verb: str, argv: Sequence[str] | None) -> int:
+    return run_reporting(f"fm-{verb}", lambda: invoke(verb, argv))
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:

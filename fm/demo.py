@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from fm.cli import invoke
+from fm.cli import invoke, run_reporting
 from fm.domains import load_domains
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
@@ -74,9 +74,19 @@ def run_earthobs(out: Path, steps: int, log: list[dict], rows: list[dict]) -> No
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fm-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output-dir", default="fm-demo", help="everything goes here (default ./fm-demo)")
-    ap.add_argument("--steps", type=int, default=100, help="pretraining steps per domain")
+    ap.add_argument("--steps", type=_positive_int, default=100, help="pretraining steps per domain")
     ap.add_argument("--only", choices=["pathology", "earthobs"], help="run one domain only")
     args = ap.parse_args(argv)
+    return run_reporting("fm-demo", lambda: _demo(args))
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def _demo(args: argparse.Namespace) -> None:
     out = Path(args.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if not os.environ.get("MLFLOW_TRACKING_URI") and not os.environ.get("FM_TRACKING_DIR"):
@@ -104,7 +114,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(markdown_table(pd.DataFrame(rows)))
     print(f"\nDone in {time.perf_counter() - t0:.0f} s. Outputs: {out}")
     print(f"Browse the runs: mlflow ui --backend-store-uri {os.environ.get('MLFLOW_TRACKING_URI')}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -80,3 +80,17 @@ def test_every_shipped_config_parses():
         for cmd in [domain.train, domain.extract, domain.prepare, *domain.eval_tasks.values()]:
             if cmd is not None and cmd.default_config is not None:
                 assert cmd.default_config.is_file(), (domain.name, cmd.default_config)
+
+
+def test_fm_demo_reports_bad_input_in_one_line(tmp_path, capsys):
+    """fm-demo ends like the fm-* commands: one line and status 2 (it showed tracebacks)."""
+    from fm.demo import main as demo_main
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    assert demo_main(["--output-dir", str(a_file), "--only", "earthobs"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fm-demo: error:") and str(a_file) in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        demo_main(["--steps", "-1"])
+    assert "argument --steps: expected a whole number >= 1" in capsys.readouterr().err
