@@ -59,3 +59,100 @@ def test_lightning_logger_writes_into_an_offline_run(tmp_path, monkeypatch):
     records = (tmp_path / "offline" / run.run_id / "records.jsonl").read_text().splitlines()
     metrics = [json.loads(r) for r in records if json.loads(r)["kind"] == "metric"]
     assert [(m["key"], m["value"], m["step"]) for m in metrics] == [("train/loss", 1.5, 3)]
+
+
+def _offline_runs(tmp_path, monkeypatch, names):
+    """Offline runs written by the real machinery, one per name, each with metric auc at steps 0 and 1."""
+    monkeypatch.setenv("FM_TRACKING_DIR", str(tmp_path / "offline"))
+    folders = {}
+    for name in names:
+        with tracked_run("pipeline", run_name=name) as run:
+            run.log_metrics({"auc": 0.5}, step=0)
+            run.log_metrics({"auc": 0.75}, step=1)
+        folders[name] = tmp_path / "offline" / run.run_id
+    monkeypatch.delenv("FM_TRACKING_DIR")
+    return folders
+
+
+def _active_runs(store):
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name("pipeline")
+    return client, client.search_runs([exp.experiment_id]) if exp else []
+
+
+def test_damaged_runs_are_skipped_by_name_and_the_others_imported_once(tmp_path, monkeypatch, capsys):
+    """A job killed mid-write leaves a cut-off last record (dropped, with a warning); other damage skips that
+    run alone, named with the reason, exit status 1; fixing it and rerunning imports it without duplicates."""
+    import shutil
+
+    runs = _offline_runs(tmp_path, monkeypatch, ["good", "torn", "badmeta", "bare"])
+    with open(runs["torn"] / "records.jsonl", "a") as f:
+        f.write('{"kind": "metric", "key": "auc", "val')
+    meta = (runs["badmeta"] / "meta.json").read_text()
+    (runs["badmeta"] / "meta.json").write_text("{bad")
+    shutil.rmtree(runs["bare"] / "artifacts")  # a copy that drops empty folders: still a run
+    (tmp_path / "offline" / "cache").mkdir()
+    (tmp_path / "offline" / "cache" / "meta.json").write_text("{}")  # not a run folder
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+
+    assert track_main(["import", str(tmp_path / "offline"), "--tracking-uri", store]) == 1
+    out, err = capsys.readouterr()
+    assert f"skipped {runs['badmeta']}: meta.json is corrupt" in err
+    assert f"warning: {runs['torn'] / 'records.jsonl'}: dropped its cut-off last line" in err
+    assert "Traceback" not in err and "cache" not in err
+    assert "imported 3 run(s), 0 already in the store, skipped 1" in out
+    client, imported = _active_runs(store)
+    by_name = {r.info.run_name: r for r in imported}
+    assert sorted(by_name) == ["bare", "good", "torn"] and len(imported) == 3
+    assert {r.info.status for r in imported} == {"FINISHED"}
+    history = client.get_metric_history(by_name["torn"].info.run_id, "auc")
+    assert [m.value for m in history] == [0.5, 0.75]
+
+    for marker in (tmp_path / "offline").glob("*/imported.json"):
+        marker.unlink()  # e.g. a read-only or copied folder: the store's offline id tag still says what is there
+    assert track_main(["import", str(tmp_path / "offline"), "--tracking-uri", store]) == 1
+    assert "imported 0 run(s), 3 already in the store, skipped 1" in capsys.readouterr().out
+    (runs["badmeta"] / "meta.json").write_text(meta)
+    assert track_main(["import", str(tmp_path / "offline"), "--tracking-uri", store]) == 0
+    assert "imported 1 run(s), 3 already in the store, skipped 0" in capsys.readouterr().out
+    assert sorted(r.info.run_name for r in _active_runs(store)[1]) == ["badmeta", "bare", "good", "torn"]
+
+
+def test_corrupt_record_skips_the_run_and_its_children(tmp_path, monkeypatch, capsys):
+    """Damage before the last line is not a partial write: the run and the runs nested in it are skipped."""
+    monkeypatch.setenv("FM_TRACKING_DIR", str(tmp_path / "offline"))
+    with tracked_run("pipeline", run_name="parent") as parent:
+        parent.log_metrics({"auc": 0.5})
+        with child_run(parent, run_name="fold0") as child:
+            child.log_metrics({"auc": 0.9})
+        parent.log_metrics({"auc": 0.75})
+    monkeypatch.delenv("FM_TRACKING_DIR")
+    records = tmp_path / "offline" / parent.run_id / "records.jsonl"
+    lines = records.read_text().splitlines()
+    records.write_text("\n".join([lines[0], '{"kind": "metric", "key"', *lines[1:]]) + "\n")
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    assert track_main(["import", str(tmp_path / "offline"), "--tracking-uri", store]) == 1
+    err = capsys.readouterr().err
+    assert f"skipped {records.parent}: records.jsonl line 2 is corrupt" in err
+    assert f"skipped {tmp_path / 'offline' / child.run_id}: its parent run {parent.run_id} was skipped" in err
+    assert _active_runs(store)[1] == []
+
+
+def test_an_mlflow_failure_while_logging_leaves_no_running_run(tmp_path, monkeypatch, capsys):
+    """The run created before the failure is discarded (not left RUNNING); the next import logs it once."""
+    _offline_runs(tmp_path, monkeypatch, ["good"])
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MlflowClient, "log_batch", boom)
+        assert track_main(["import", str(tmp_path / "offline"), "--tracking-uri", store]) == 1
+    assert "MLflow failed on it (OSError: disk full); not imported" in capsys.readouterr().err
+    client, active = _active_runs(store)
+    assert active == []
+    exp = client.get_experiment_by_name("pipeline").experiment_id
+    assert {r.info.status for r in client.search_runs([exp], run_view_type=3)} <= {"FAILED"}
+    assert track_main(["import", str(tmp_path / "offline"), "--tracking-uri", store]) == 0
+    assert [r.info.status for r in _active_runs(store)[1]] == ["FINISHED"]
