@@ -129,29 +129,16 @@ def add_prepare_cli(p: argparse.ArgumentParser) -> None:
                    help="repack even when a cache exists (else one packed for another request is refused)")
 
 
-SKIPS_SHOWN = 5  # skipped samples fm-prepare prints; meta.json lists them all
-
-
 def prepare_cmd(args: argparse.Namespace) -> Path:
-    import json
-
     from earthobs.prepare import prepare
 
     if args.dataset not in ("demo",) and not args.root:
         raise ValueError(f"--root is required for {args.dataset}")
     kwargs = {"labels": args.labels} if args.labels else {}
-    path = prepare(args.dataset, args.root, args.out, split=None if args.split == "all" else args.split,
+    return prepare(args.dataset, args.root, args.out, split=None if args.split == "all" else args.split,
                    sensor=args.sensor, dtype=args.dtype, fraction=args.fraction, seed=args.seed,
-                   num_workers=args.num_workers, overwrite=args.overwrite, nan_policy=args.nan_policy, **kwargs)
-    meta = json.loads((path / "meta.json").read_text())
-    skipped = meta["skipped"]
-    print(f"packed {meta['n']} samples ({len(skipped)} skipped) into {path}")
-    for item in skipped[:SKIPS_SHOWN]:
-        print(f"  skipped {item['id']}: {item['error']}")
-    if skipped:
-        more = f"{len(skipped) - SKIPS_SHOWN} more; " if len(skipped) > SKIPS_SHOWN else ""
-        print(f"  ({more}every skipped sample and why: \"skipped\" in {path / 'meta.json'})")
-    return path
+                   num_workers=args.num_workers, overwrite=args.overwrite, nan_policy=args.nan_policy,
+                   say=print, **kwargs)  # what was packed and skipped, or that an existing cache is reused
 
 
 # -- fm-eval earthobs <task> -----------------------------------------------------------------------------

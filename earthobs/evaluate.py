@@ -165,12 +165,14 @@ def _location(dataset) -> str:
 @torch.no_grad()
 def extract_features(encoder: EOEncoder, dataset, transform: EncoderInput, batch_size: int = 64,
                      num_workers: int = 0, device: str = "cpu") -> Features:
-    """CLS and last-4-block CLS features of every readable sample (unreadable ones are listed in `skipped`)."""
+    """CLS and last-4-block CLS features of every readable sample (unreadable ones are listed in `skipped`,
+    with those a packed cache could not read when packed: --packed reports what a direct read reports)."""
     dev = resolve_device(device)
     backbone = encoder.backbone.to(dev).eval()
     loader = DataLoader(_Inputs(dataset, transform), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_collate)
-    cls, last4, labels, rows, skipped = [], [], [], [], []
+    cls, last4, labels, rows = [], [], [], []
+    skipped = list(getattr(dataset, "skipped_when_packed", []))
     ids = list(dataset.ids)
     for batch in loader:
         skipped += [{"id": ids[i], "error": e} for i, e in batch["errors"]]

@@ -20,7 +20,9 @@ and listed in `meta.json["skipped"]`; they never stop the run.
 labels file, dtype, a digest of the sample ids). A later call for the same folder gets the cache back only
 when its request matches; any other request is refused (`CacheMismatchError`) rather than silently
 served data it did not ask for. `overwrite` repacks. A data root that moved (or is mounted elsewhere)
-is no other request: the cache is reused when a few samples read from the new root match it.
+is no other request: the cache is reused when a few samples read from the new root match it. A cache
+whose files are damaged (truncated, not .npy, meta.json not JSON) is neither read nor reused: opening
+it raises `CorruptCacheError` naming the file (`cache_request.open_cache`).
 
 float16 keeps 11 significant bits (S2 DN to +-0.05 %, S1 dB to +-0.016 at -40 dB); values beyond
 +-65504 are clipped and counted in `meta.json["clipped_values"]`.
@@ -41,14 +43,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from earthobs.cache_request import cache_diffs, ids_digest, refuse
+from earthobs.cache_request import FORMAT, cache_diffs, ids_digest, open_cache, refuse
 from earthobs.choices import DTYPES
 from earthobs.readers import EOReadError, NoReadableSampleError, no_readable_sample
 from fm.io import ItemLock, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-FORMAT = "fm-packed-v1"
 DEFAULT_DTYPE = "float16"
 _F16_MAX = float(np.finfo(np.float16).max)
 SPOT_CHECKS = 3  # samples read again to tell the same data at a new root from other data
@@ -303,17 +304,16 @@ def _finalize(partial: Path, out: Path, arrays: dict, plan: dict, state: dict, i
 
 
 class PackedDataset(Dataset):
-    """Map-style data set over a packed cache; same sample keys as the source data set, image float32."""
+    """Map-style data set over a packed cache; same sample keys as the source data set, image float32.
+    `skipped_when_packed`: the samples that could not be read when the (whole) cache was packed, so that
+    a reader reports them as it reports samples it cannot read itself."""
 
     def __init__(self, path: str | os.PathLike, ids: Sequence[str] | None = None, transforms=None):
         self.path = Path(path)
-        meta_path = self.path / "meta.json"
-        if not meta_path.is_file():
+        if not (self.path / "meta.json").is_file():
             raise FileNotFoundError(f"no packed cache at {self.path} (meta.json missing: never packed or unfinished)")
-        self.meta = json.loads(meta_path.read_text())
-        if self.meta.get("format") != FORMAT:
-            raise ValueError(f"{meta_path}: format {self.meta.get('format')!r}, expected {FORMAT!r}")
-        all_ids = json.loads((self.path / "ids.json").read_text())
+        self.meta, all_ids = open_cache(self.path)
+        self.skipped_when_packed = list(self.meta.get("skipped", [])) if ids is None else []
         if ids is None:
             self.rows = np.arange(len(all_ids))
         else:

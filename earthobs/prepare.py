@@ -3,8 +3,10 @@ split packed into `<out_dir>/<dataset>/<sensor>/<split>` (the cache fm-train and
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from torch.utils.data import Dataset
@@ -14,6 +16,8 @@ from earthobs.choices import DATASETS
 from earthobs.packed import IdSubset, pack_split
 
 log = logging.getLogger(__name__)
+
+SKIPS_SHOWN = 5  # skipped samples fm-prepare prints; meta.json lists them all
 
 
 def resolve_dataset_name(dataset_name: str, root: str | os.PathLike | None, version: str = "auto") -> str:
@@ -76,16 +80,35 @@ def _warn_of_old_cache(old: Path, out: Path) -> None:
                     "it instead, stop now and move it there (mkdir -p %s && mv %s %s)", old, out, out.parent, old, out)
 
 
+def cache_summary(path: Path, reused: bool) -> list[str]:
+    """What fm-prepare says of the cache at `path`: the samples it skipped and why when just packed; when
+    `reused`, one line, since its skip reasons are those of the packing run, not of the data as it is now
+    (a patch fixed since then is still skipped until --overwrite repacks)."""
+    meta, where = json.loads((path / "meta.json").read_text()), path / "meta.json"
+    skipped = meta.get("skipped", [])
+    if reused:
+        created = str(meta.get("created", "")).replace("T", " ")
+        return [f"reusing the cache packed{f' on {created}' if created else ''} at {path}: {meta['n']} samples, "
+                f"{len(skipped)} skipped when it was packed (reasons in {where}); --overwrite repacks"]
+    lines = [f"packed {meta['n']} samples ({len(skipped)} skipped) into {path}"]
+    lines += [f"  skipped {item['id']}: {item['error']}" for item in skipped[:SKIPS_SHOWN]]
+    if skipped:
+        more = f"{len(skipped) - SKIPS_SHOWN} more; " if len(skipped) > SKIPS_SHOWN else ""
+        lines.append(f"  ({more}every skipped sample and why: \"skipped\" in {where})")
+    return lines
+
+
 def prepare(dataset_name: str, root: str | os.PathLike | None, out_dir: str | os.PathLike,
             split: str | None = "train", sensor: str = "s2", dtype: str | None = None,
             fraction: float | None = None, seed: int = 0, num_workers: int = 0, overwrite: bool = False,
-            nan_policy: str = "raise", **dataset_kwargs) -> Path:
+            nan_policy: str = "raise", say: Callable[[str], None] | None = None, **dataset_kwargs) -> Path:
     """Pack one split into `<out_dir>/<dataset>/<sensor>/<split>[-<pct>pct-seed<seed>]` and return it
     (`<dataset>` as `resolve_dataset_name` reads it: bigearthnet-v1 or -v2 for `bigearthnet`).
 
     With `fraction` (e.g. 0.1 for BigEarthNet-10 %), the deterministic subset list is saved first as
     `<out_dir>/<dataset>/<split>-<pct>pct-seed<seed>.txt` (shared by all sensors) and only those
-    samples are packed. An existing cache of another request is refused (see `packed._reuse_cache`).
+    samples are packed. An existing cache of another request is refused (see `packed._reuse_cache`), a
+    damaged one too (`cache_request.open_cache`). `say` (e.g. print) gets the `cache_summary` lines.
     """
     from earthobs.bigearthnet import training_subset
 
@@ -98,7 +121,8 @@ def prepare(dataset_name: str, root: str | os.PathLike | None, out_dir: str | os
         split_name = f"{split_name}-{fraction * 100:g}pct-seed{seed}"
         source.update(fraction=fraction, seed=seed)
     out = base / sensor / split_name
-    if (out / "meta.json").is_file() and not overwrite:  # refuse before reading the data or its subset list,
+    reused = (out / "meta.json").is_file() and not overwrite
+    if reused:  # refuse before reading the data or its subset list,
         diffs = cache_diffs(out, dtype, source)  # unless only the root moved: pack_split compares the data
         if set(diffs) - {"root"}:
             refuse(out, diffs)
@@ -108,4 +132,8 @@ def prepare(dataset_name: str, root: str | os.PathLike | None, out_dir: str | os
         subset_file = base / f"{split_name}.txt"
         dataset = IdSubset(dataset, training_subset(dataset.ids, fraction=fraction, seed=seed, path=subset_file))
         source["subset_file"] = str(subset_file)
-    return pack_split(dataset, out, dtype=dtype, num_workers=num_workers, overwrite=overwrite, source=source)
+    out = pack_split(dataset, out, dtype=dtype, num_workers=num_workers, overwrite=overwrite, source=source)
+    if say is not None:
+        for line in cache_summary(out, reused):
+            say(line)
+    return out

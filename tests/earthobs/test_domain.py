@@ -105,6 +105,11 @@ def test_prepare_packs_a_split(tmp_path, capsys, session_cache_dir):
                          "--split", "test"]) == 0
     assert "packed 30 samples (0 skipped)" in capsys.readouterr().out
     assert (tmp_path / "demo" / "s2" / "test" / "meta.json").is_file()
+    assert prepare_main(["earthobs", "demo", "--root", str(session_cache_dir), "--out", str(tmp_path),
+                         "--split", "test"]) == 0
+    again = capsys.readouterr().out
+    assert "reusing the cache packed on" in again and "30 samples, 0 skipped when it was packed" in again
+    assert "packed 30" not in again
 
 
 @pytest.mark.parametrize("modality", ["s2", "s1"])

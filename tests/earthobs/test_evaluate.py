@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -283,3 +286,25 @@ def test_bigearthnet_task_scores_matching_labels_far_above_permuted_test_labels(
         micro_map[name] = evaluate_task("bigearthnet", cfg, encoder=tiny_encoder())["metrics"]["map_micro"]
     # observed over encoder seeds 0-4: real 0.83-0.89, control 0.17-0.18
     assert micro_map["real"] > micro_map["control"] + 0.4, micro_map
+
+
+def test_packed_evaluation_reports_the_samples_skipped_when_packed(shared_fixtures, tmp_path, caplog):
+    """With --packed, the samples the cache could not read when packed count, print and are logged as a direct
+    read's unreadable samples are: fm-eval reported n_skipped 0 and said nothing, hiding that they were dropped."""
+    root = Path(shutil.copytree(shared_fixtures / "earthobs/bigearthnet-v1/s2-tiny", tmp_path / "s2"))
+    bad = "S2A_MSIL2A_20170617T113321_4_55"
+    (root / bad / f"{bad}_B05.tif").unlink()
+    reports = {}
+    for name, packed in (("direct", None), ("packed", str(tmp_path / "packed"))):
+        cfg = eval_cfg(tmp_path / name, root=str(root), packed_dir=packed, splits="all", train_fraction=1.0,
+                       protocol="knn", bootstrap=0)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="earthobs.evaluate"):
+            out = evaluate_task("bigearthnet", cfg, encoder=tiny_encoder())
+        logged = mlflow.MlflowClient().download_artifacts(out["run_id"], "skipped.json", str(tmp_path / name))
+        printed = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+        reports[name] = (out["results"]["n_skipped"].tolist(), printed, json.loads(Path(logged).read_text()))
+    assert reports["packed"] == reports["direct"]
+    n_skipped, (printed,), logged = reports["packed"]
+    assert n_skipped == [1] and printed.startswith(f"skipped unreadable sample {bad}: ") and "B05" in printed
+    assert [s["id"] for s in logged["skipped"]] == [bad]

@@ -1,6 +1,7 @@
 """Packed cache: round trip equals the source, bad items are skipped and listed, a crash leaves no
 half-visible cache and the next run resumes, `prepare` packs the saved 10 % subset, a cache of another
-request is refused, and prepare / eval / train name BigEarthNet caches alike."""
+request is refused, a damaged cache is named and never reused, a reused cache says so, and prepare /
+eval / train name BigEarthNet caches alike."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from data_ssl4eo import LOCATIONS, make_ssl4eo, write_labels
 
 import earthobs.packed as packed_module
 from earthobs.bigearthnet import BigEarthNetV1
-from earthobs.cache_request import CacheMismatchError
+from earthobs.cache_request import CacheMismatchError, CorruptCacheError
 from earthobs.packed import PackedDataset, pack_split
 from earthobs.prepare import prepare, resolve_dataset_name
 from earthobs.readers import EOReadError, NoReadableSampleError
@@ -311,3 +312,61 @@ def test_fm_prepare_earthobs_records_its_run(s2_tiny, tmp_path):
     assert run.data.tags["fm_command"] == "fm-prepare earthobs" and run.data.params["dataset"] == "bigearthnet"
     assert run.data.metrics == {"n_samples": 3.0, "n_skipped": 0.0}
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml", "meta.json"]
+
+
+def _truncate(path: Path, size: int = 100_000) -> None:
+    path.write_bytes(path.read_bytes()[:size])
+
+
+DAMAGES = {  # what was done to a cache -> (file, reason the error gives)
+    "images truncated": (lambda out: _truncate(out / "images.npy"), "images.npy",
+                         r"truncated: 100000 bytes, its header needs \d+"),
+    "labels not .npy": (lambda out: (out / "labels.npy").write_bytes(b"bad"), "labels.npy",
+                        "no .npy header in its 3 bytes"),
+    "images of another shape": (lambda out: np.save(out / "images.npy", np.zeros((2, 12, 120, 120), np.float16)),
+                                "images.npy", r"float16 \[2, 12, 120, 120\], meta.json records float16 \[3, 12, 120, 120\]"),
+    "meta.json not JSON": (lambda out: (out / "meta.json").write_text('{"format": "fm-packed-v1", n: 3}'),
+                           "meta.json", "not JSON: Expecting property name"),
+    "ids.json short": (lambda out: (out / "ids.json").write_text(json.dumps(json.loads((out / "ids.json").read_text())[:2])),
+                       "ids.json", "2 ids, meta.json records 3 samples"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_cache_is_named_by_file_and_never_reused(s2_tiny, tmp_path, damage):
+    """numpy and json failed with messages naming no file ("mmap length is greater than file size"), or not at
+    all (fm-prepare reused a truncated cache as fine); each reader now refuses it in one line naming the file."""
+    out = prepare("bigearthnet", s2_tiny, tmp_path / "packed", split=None)
+    do, name, reason = DAMAGES[damage]
+    do(out)
+    expected = rf"^{re.escape(str(out / name))}: corrupt packed cache \({reason}.*\); fm-prepare \.\.\. --overwrite repacks it$"
+    said = []
+    for read in (lambda: PackedDataset(out), lambda: pack_split(BigEarthNetV1(s2_tiny), out),
+                 lambda: prepare("bigearthnet", s2_tiny, tmp_path / "packed", split=None, say=said.append)):
+        with pytest.raises(CorruptCacheError, match=expected):
+            read()
+    assert issubclass(CorruptCacheError, ValueError) and said == []
+    prepare("bigearthnet", s2_tiny, tmp_path / "packed", split=None, overwrite=True)
+    assert_same(PackedDataset(out), BigEarthNetV1(s2_tiny), exact=False)
+
+
+def test_a_reused_cache_says_so_instead_of_repeating_old_skip_reasons(s2_tiny, tmp_path):
+    """A patch fixed after packing is still skipped by the reused cache: fm-prepare printed the old reason as
+    if just read; it now says the cache was reused, when it was packed and where the reasons are."""
+    root = Path(shutil.copytree(s2_tiny, tmp_path / "s2"))
+    bad = "S2A_MSIL2A_20170617T113321_4_55"
+    band = root / bad / f"{bad}_B05.tif"
+    band.rename(tmp_path / "B05.bak")
+    said = []
+    out = prepare("bigearthnet", root, tmp_path / "packed", split=None, say=said.append)
+    assert said[0] == f"packed 2 samples (1 skipped) into {out}" and said[1].startswith(f"  skipped {bad}: ")
+    assert "B05" in said[1] and said[2] == f'  (every skipped sample and why: "skipped" in {out / "meta.json"})'
+    (tmp_path / "B05.bak").rename(band)  # the patch is fixed
+    said.clear()
+    assert prepare("bigearthnet", root, tmp_path / "packed", split=None, say=said.append) == out
+    created = PackedDataset(out).meta["created"].replace("T", " ")
+    assert said == [f"reusing the cache packed on {created} at {out}: 2 samples, 1 skipped when it was packed "
+                    f"(reasons in {out / 'meta.json'}); --overwrite repacks"]
+    said.clear()
+    prepare("bigearthnet", root, tmp_path / "packed", split=None, overwrite=True, say=said.append)
+    assert said == [f"packed 3 samples (0 skipped) into {out}"]
