@@ -97,6 +97,21 @@ def open_cache(out: str | os.PathLike) -> tuple[dict, list[str]]:
     return meta, ids
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def movable_keys(out: str | os.PathLike, source: dict) -> set[str]:
+    """The request keys that may differ in a cache whose data moved: the root (its samples are then
+    spot-checked), and the labels file when its contents are those the cache was packed with."""
+    recorded = (json.loads((Path(out) / "meta.json").read_text()).get("source") or {}).get("labels_sha256")
+    return {"root"} | ({"labels"} if recorded and recorded == source.get("labels_sha256") else set())
+
+
 def ids_digest(ids: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()
 

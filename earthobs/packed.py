@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from earthobs.cache_request import FORMAT, cache_diffs, ids_digest, open_cache, refuse
+from earthobs.cache_request import FORMAT, cache_diffs, ids_digest, movable_keys, open_cache, refuse
 from earthobs.choices import DTYPES
 from earthobs.readers import EOReadError, NoReadableSampleError, no_readable_sample
 from fm.io import ItemLock, atomic_write_text
@@ -150,20 +150,21 @@ def pack_split(dataset, out_path: str | os.PathLike, dtype: str | None = None, n
 
 def _reuse_cache(dataset, out: Path, dtype: str | None, source: dict, ids: list[str]) -> None:
     """Accept the complete cache at `out` for this request, or raise `CacheMismatchError`. A cache whose
-    data root alone differs (the data moved, or is mounted elsewhere on this node) is reused when the
-    samples it spot-checks read the same from the new root: repacking BigEarthNet takes hours."""
+    data root alone differs (the data moved, or is mounted elsewhere on this node; its labels file with
+    it, same contents) is reused when the samples it spot-checks read the same from the new root:
+    repacking BigEarthNet takes hours."""
     diffs = cache_diffs(out, dtype, source, ids)
-    if set(diffs) == {"root"}:
+    if diffs and set(diffs) <= movable_keys(out, source):
         differs = _moved_copy_differs(dataset, out)
         if differs is None:
             meta = json.loads((out / "meta.json").read_text())
             log.warning("%s was packed from %s; the samples checked read the same from %s, so it is reused",
-                        out, meta["source"].get("root"), source["root"])
-            meta["source"]["root"] = source["root"]
+                        out, meta["source"].get("root"), source.get("root"))
+            meta["source"].update({key: source[key] for key in diffs})
             with contextlib.suppress(OSError):  # a read-only cache is reused all the same (checked each time)
                 atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))
             return
-        diffs["root"] += f", where {differs}"
+        diffs[next(iter(diffs))] += f", where {differs}"
     refuse(out, diffs)
 
 

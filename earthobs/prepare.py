@@ -11,7 +11,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from earthobs.cache_request import cache_diffs, refuse
+from earthobs.cache_request import cache_diffs, file_sha256, movable_keys, refuse
 from earthobs.choices import DATASETS
 from earthobs.packed import IdSubset, pack_split
 
@@ -117,14 +117,16 @@ def prepare(dataset_name: str, root: str | os.PathLike | None, out_dir: str | os
     source = {"name": name, "root": _absolute(root), "split": split, "sensor": sensor, "nan_policy": nan_policy}
     if "labels" in dataset_kwargs:
         source["labels"] = _absolute(dataset_kwargs["labels"])
+        if Path(source["labels"]).is_file():  # so that a labels file moved with its data is recognised
+            source["labels_sha256"] = file_sha256(source["labels"])
     if fraction is not None:
         split_name = f"{split_name}-{fraction * 100:g}pct-seed{seed}"
         source.update(fraction=fraction, seed=seed)
     out = base / sensor / split_name
     reused = (out / "meta.json").is_file() and not overwrite
     if reused:  # refuse before reading the data or its subset list,
-        diffs = cache_diffs(out, dtype, source)  # unless only the root moved: pack_split compares the data
-        if set(diffs) - {"root"}:
+        diffs = cache_diffs(out, dtype, source)  # unless only the data moved: pack_split compares it
+        if set(diffs) - movable_keys(out, source):
             refuse(out, diffs)
     _warn_of_old_cache(Path(out_dir) / dataset_name.lower() / sensor / split_name, out)
     dataset = build_dataset(name, root, split=split, sensor=sensor, nan_policy=nan_policy, **dataset_kwargs)

@@ -370,3 +370,38 @@ def test_a_reused_cache_says_so_instead_of_repeating_old_skip_reasons(s2_tiny, t
     said.clear()
     prepare("bigearthnet", root, tmp_path / "packed", split=None, overwrite=True, say=said.append)
     assert said == [f"packed 3 samples (0 skipped) into {out}"]
+
+
+@pytest.mark.parametrize("damage", ["last patch's band", "middle patch's labels"])
+def test_a_moved_root_with_other_data_in_any_checked_sample_is_refused(s2_tiny, tmp_path, damage):
+    """The spot check covers the first, middle and last packed samples, images and labels alike."""
+    out = prepare("bigearthnet", s2_tiny, tmp_path / "packed", split=None)
+    order = PackedDataset(out).ids
+    copy = Path(shutil.copytree(s2_tiny, tmp_path / "copy"))
+    if damage == "last patch's band":
+        first, last = order[0], order[-1]
+        shutil.copy(copy / first / f"{first}_B03.tif", copy / last / f"{last}_B03.tif")
+        named = last
+    else:
+        named = order[1]
+        meta = json.loads((copy / named / f"{named}_labels_metadata.json").read_text())
+        meta["labels"] = ["Sea and ocean"] if meta["labels"] != ["Sea and ocean"] else ["Pastures"]
+        (copy / named / f"{named}_labels_metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(CacheMismatchError, match=rf"where sample {named} holds other values"):
+        prepare("bigearthnet", copy, tmp_path / "packed", split=None)
+
+
+def test_a_moved_ssl4eo_root_with_its_labels_file_is_reused(tmp_path):
+    """The labels file moved with the data (same contents): reused; another labels file: refused."""
+    make_ssl4eo(tmp_path / "data", "s2c", size=12)
+    write_labels(tmp_path / "data" / "dw.json", {LOCATIONS[1]: [4]})
+    out = prepare("ssl4eo-s12", tmp_path / "data", tmp_path / "packed", split=None, sensor="s2c",
+                  labels=tmp_path / "data" / "dw.json")
+    (tmp_path / "data").rename(tmp_path / "moved")
+    again = prepare("ssl4eo-s12", tmp_path / "moved", tmp_path / "packed", split=None, sensor="s2c",
+                    labels=tmp_path / "moved" / "dw.json")
+    assert again == out and PackedDataset(out).meta["source"]["labels"] == str(tmp_path / "moved" / "dw.json")
+    write_labels(tmp_path / "other.json", {LOCATIONS[2]: [4]})
+    with pytest.raises(CacheMismatchError, match=r"labels .*dw.json' \(asked '.*other.json'\)"):
+        prepare("ssl4eo-s12", tmp_path / "moved", tmp_path / "packed", split=None, sensor="s2c",
+                labels=tmp_path / "other.json")
