@@ -116,11 +116,13 @@ class ImportReport:
 
 
 def _is_run_dir(d: Path) -> bool:
-    """A folder named like a run id holding meta.json, records.jsonl or artifacts/ is a run (a copy may lose an
-    empty artifacts/, a killed job may leave no meta.json); under another name it needs meta.json and one of the
-    others, so that other folders with a meta.json (packed caches, artifacts) are not taken for runs."""
+    """A folder named like a run id holding meta.json or records.jsonl is a run (a copy may lose an empty
+    artifacts/, a killed job may leave no meta.json); under another name it needs meta.json and one of
+    records.jsonl or artifacts/, so that other folders with a meta.json (packed caches) are not taken for runs.
+    A run-id folder with only artifacts/ is an MLflow store's own artifact folder (a store kept inside the
+    imported folder, e.g. fm-runs/), not an offline run."""
     has = [(d / name).exists() for name in ("meta.json", "records.jsonl", "artifacts")]
-    return any(has) if RUN_ID.fullmatch(d.name) else has[0] and any(has[1:])
+    return any(has[:2]) if RUN_ID.fullmatch(d.name) else has[0] and any(has[1:])
 
 
 def _run_dirs(roots: Iterable[str | Path]) -> list[Path]:

@@ -213,7 +213,9 @@ def read_csv_cohort(path: str | os.PathLike, cohort: str | None = None) -> list[
     if not path.is_file():
         raise CohortError(f"cohort CSV {path} not found")
     # ids are text ("001" is not 1), and a blank id is no id (not the text "nan")
-    table = read_csv_table(path, CohortError, "cohort CSV", dtype={c: str for c in REQUIRED_CSV_COLUMNS})
+    table = read_csv_table(path, CohortError, "cohort CSV", dtype={c: str for c in REQUIRED_CSV_COLUMNS},
+                           skip_blank_lines=False)  # index + 2 is then the line number
+    table = table.dropna(how="all")  # blank lines, and the ",,," rows spreadsheets leave at the end
     missing = [c for c in REQUIRED_CSV_COLUMNS if c not in table.columns]
     if missing:
         raise CohortError(

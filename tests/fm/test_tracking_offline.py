@@ -156,3 +156,37 @@ def test_an_mlflow_failure_while_logging_leaves_no_running_run(tmp_path, monkeyp
     assert {r.info.status for r in client.search_runs([exp], run_view_type=3)} <= {"FAILED"}
     assert track_main(["import", str(tmp_path / "offline"), "--tracking-uri", store]) == 0
     assert [r.info.status for r in _active_runs(store)[1]] == ["FINISHED"]
+
+
+def test_a_store_kept_inside_the_imported_folder_is_not_taken_for_runs(tmp_path, monkeypatch, capsys):
+    """`--tracking-uri DIR` with DIR the offline folder itself: the store's artifact folders (named by run id,
+    holding only artifacts/) are no offline runs, so a second import is clean, not 'damaged runs'."""
+    offline = tmp_path / "runs"
+    monkeypatch.setenv("FM_TRACKING_DIR", str(offline))
+    with tracked_run("pipeline", run_name="with-table") as run:
+        run.log_table(pd.DataFrame({"x": [1]}), "results")
+    monkeypatch.delenv("FM_TRACKING_DIR")
+    for _ in range(2):
+        assert track_main(["import", str(offline), "--tracking-uri", str(offline)]) == 0
+    assert "imported 0 run(s), 1 already in the store, skipped 0" in capsys.readouterr().out
+    assert list(offline.glob("artifacts/*/*/artifacts/tables/results.csv")), "the store's artifacts are there"
+
+
+def test_an_import_killed_midway_is_replaced_not_kept(tmp_path, monkeypatch):
+    """A run left RUNNING in the store by an import that was killed (its marker never written) is replaced."""
+    offline = tmp_path / "offline"
+    monkeypatch.setenv("FM_TRACKING_DIR", str(offline))
+    with tracked_run("pipeline", run_name="r") as run:
+        run.log_metrics({"auc": 0.5})
+    monkeypatch.delenv("FM_TRACKING_DIR")
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    assert track_main(["import", str(offline), "--tracking-uri", store]) == 0
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name("pipeline").experiment_id
+    (first,) = client.search_runs([exp])
+    client.update_run(first.info.run_id, status="RUNNING")  # as if killed before set_terminated
+    (offline / run.run_id / "imported.json").unlink()
+    assert track_main(["import", str(offline), "--tracking-uri", store]) == 0
+    (again,) = client.search_runs([exp])
+    assert again.info.run_id != first.info.run_id and again.info.status == "FINISHED"
+    assert again.data.metrics["auc"] == 0.5

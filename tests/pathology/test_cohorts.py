@@ -215,9 +215,11 @@ def test_csv_cohort_ids_are_text_and_blank_cells_are_not_ids(tmp_path, capsys):
     records = read_csv_cohort(csv)
     assert [(r.slide_id, r.patient_id) for r in records] == [("001", "007"), ("002", "002"), ("003", "003")]
     assert "2 slide(s) without a patient_id are each taken as their own patient" in capsys.readouterr().out
-    csv.write_text("slide_id,patient_id,slide_path\n001,P1,a.svs\n,P2,b.svs\n")
-    with pytest.raises(CohortError, match=r"c.csv: no slide_id on line\(s\) 3"):
+    csv.write_text("slide_id,patient_id,slide_path\n001,P1,a.svs\n\n,P2,b.svs\n,,\n")
+    with pytest.raises(CohortError, match=r"c.csv: no slide_id on line\(s\) 4$"):
         read_csv_cohort(csv)
+    csv.write_text("slide_id,patient_id,slide_path\n001,P1,a.svs\n\n002,P2,b.svs\n,,\n,,\n")
+    assert [r.slide_id for r in read_csv_cohort(csv)] == ["001", "002"]  # empty rows are no slides
     csv.write_text("slide_id,patient_id,slide_path\n001,P1,a.svs\n002,P2, \n")
     with pytest.raises(CohortError, match=r"c.csv: no slide_path on line\(s\) 3"):
         read_csv_cohort(csv)

@@ -99,6 +99,9 @@ def test_pretraining_reads_the_cohorts_own_slide_paths_and_one_tile_setting(test
     invoke("train", [*train, "--cohorts", f"csv:{tmp_path / 'sub' / 'c.csv'}"])
     assert got["source"].get(0).shape == (3, 64, 64) and got["source"].skipped.keys == set()
     assert got["cfg"]["pathology"]["min_tissue"] == 0.3  # the threshold of its tiles, recorded with the run
+    with pytest.raises(ValueError, match=r"pathology.tile_px must be at least 16 .* got 8 and 1.0"):
+        invoke("train", [*train, "--cohorts", f"csv:{tmp_path / 'sub' / 'c.csv'}", "--set", "pathology.tile_px=8",
+                         "--set", "pathology.target_mpp=1.0"])
     with pytest.raises(ValueError, match=r"pathology.min_tissue must be a tissue fraction .* got True"):
         invoke("train", [*train, "--cohorts", f"csv:{tmp_path / 'sub' / 'c.csv'}", "--set", "pathology.min_tissue=true"])
 

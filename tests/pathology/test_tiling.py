@@ -372,12 +372,17 @@ def test_the_tissue_threshold_follows_the_folder_and_another_one_is_reported(tes
     ("--mpp", "-1", "must be a number > 0"), ("--min-tissue", "1.5", "must be a fraction between 0 and 1")])
 def test_nonsense_tiling_flags_are_refused_before_any_slide_is_read(tmp_path, capsys, flag, value, complaint):
     """They failed every slide apart, each with a logged ZeroDivisionError traceback (--mpp 0 was ignored)."""
-    from fm.cli import prepare_main
+    from fm.cli import extract_main, prepare_main
 
     with pytest.raises(SystemExit) as stop:
         prepare_main(["pathology", "--cohorts", "demo", "--output-dir", str(tmp_path / "t"), flag, value])
     assert stop.value.code == 2 and f"argument {flag}: {complaint}" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+    with pytest.raises(SystemExit) as stop:  # fm-extract tiles what is missing: the same checks
+        extract_main(["pathology", "--cohorts", "demo", "--tiles-dir", str(tmp_path / "t"), "--output-dir",
+                      str(tmp_path / "f"), flag, value])
+    assert stop.value.code == 2 and f"argument {flag}: {complaint}" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists() and not (tmp_path / "f").exists()
 
 
 def test_a_cohort_keeps_its_own_threshold_in_a_folder_shared_with_others(test_slides, tmp_path):
