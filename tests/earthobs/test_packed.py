@@ -405,3 +405,13 @@ def test_a_moved_ssl4eo_root_with_its_labels_file_is_reused(tmp_path):
     with pytest.raises(CacheMismatchError, match=r"labels .*dw.json' \(asked '.*other.json'\)"):
         prepare("ssl4eo-s12", tmp_path / "moved", tmp_path / "packed", split=None, sensor="s2c",
                 labels=tmp_path / "other.json")
+
+
+def test_a_damaged_has_label_array_is_named_too(tmp_path):
+    """SSL4EO-S12 caches with a labels file carry has_label.npy: it is checked like the other arrays."""
+    make_ssl4eo(tmp_path / "ssl4eo", "s2c", size=12)
+    labels = write_labels(tmp_path / "dw.json", {LOCATIONS[1]: [4]})
+    out = prepare("ssl4eo-s12", tmp_path / "ssl4eo", tmp_path / "packed", split=None, sensor="s2c", labels=labels)
+    np.save(out / "has_label.npy", np.zeros(5, bool))
+    with pytest.raises(CorruptCacheError, match=r"has_label.npy: corrupt packed cache \(bool \[5\], meta.json records bool \[12\]"):
+        PackedDataset(out)
